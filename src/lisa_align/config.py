@@ -1,0 +1,275 @@
+"""The typed run configuration: YAML in, validated by pydantic, defaults = the paper's settings.
+
+Unknown keys are refused with the closest known key suggested. ``key.path=value`` overrides from the
+command line are applied before validation.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lisa_align.data.sources import SourceSpec
+from lisa_align.errors import LisaError
+from lisa_align.models.lora import ALIGN_LORA, FINETUNE_LORA, LoraSettings
+from lisa_align.training.schedule import validate_lisa_settings
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TinySettings(_Strict):
+    """The embedded offline base: a small Llama trained on CPU from the synthetic corpus."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 256
+    pretrain_rows: int = 6000
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 16
+    seed: int | None = Field(None, description="defaults to the run seed")
+
+
+class ModelSettings(_Strict):
+    name: str = Field("tiny", description="'tiny' (embedded base), a HF id, or a local folder")
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    tiny: TinySettings = Field(default_factory=TinySettings)
+    cache_dir: str | None = Field(None, description="where the tiny base is cached (default ~/.cache/lisa-align)")
+
+
+class StageSettings(_Strict):
+    """Optimizer settings of one training stage (Trainer arguments)."""
+
+    lr: float = 1e-5
+    epochs: float = 20
+    max_steps: int = -1
+    batch_size: int = 5
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    scheduler: str = "constant_with_warmup"
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    lora: LoraSettings | None = Field(default_factory=lambda: FINETUNE_LORA.model_copy())
+    loss_reduction: Literal["token", "example"] = "token"
+    bf16: bool = False
+    logging_steps: int = 10
+    report_to: list[str] = Field(default_factory=list, description="e.g. [wandb] or [tensorboard]")
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if not v > 0 or math.isinf(v):
+            raise ValueError("must be a positive learning rate")
+        return v
+
+
+class AlignStage(StageSettings):
+    enabled: bool = True
+    lr: float = 1e-3
+    epochs: float = 30
+    weight_decay: float = 0.1
+    scheduler: str = "cosine"
+    lora: LoraSettings | None = Field(default_factory=lambda: ALIGN_LORA.model_copy())
+
+
+class LisaSettings(_Strict):
+    k1: int = 100
+    k2: int = 900
+    rho: float = 1.0
+    proximal_warmup_ratio: float = 0.1
+
+    @model_validator(mode="after")
+    def _check(self):
+        validate_lisa_settings(self.k1, self.k2, self.rho, self.proximal_warmup_ratio)
+        return self
+
+
+METHODS = ("sft", "bso", "lisa")
+
+
+class MethodSpec(_Strict):
+    """One fine-tuning method; ``label`` names its run folder (default: the method name)."""
+
+    name: Literal["sft", "bso", "lisa"]
+    label: str | None = None
+    k1: int | None = None
+    k2: int | None = None
+    rho: float | None = None
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+    def lisa(self, base: LisaSettings) -> LisaSettings:
+        rho = 0.0 if self.name == "bso" else (self.rho if self.rho is not None else base.rho)
+        return LisaSettings(k1=self.k1 if self.k1 is not None else base.k1,
+                            k2=self.k2 if self.k2 is not None else base.k2,
+                            rho=rho, proximal_warmup_ratio=base.proximal_warmup_ratio)
+
+
+class FinetuneStage(StageSettings):
+    methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="sft"), MethodSpec(name="lisa")])
+    lisa: LisaSettings = Field(default_factory=LisaSettings)
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        out = []
+        for m in v or []:
+            m = {"name": m} if isinstance(m, str) else m
+            if isinstance(m, dict) and m.get("name") not in METHODS:
+                raise ValueError(f"unknown method '{m.get('name')}': use one of {', '.join(METHODS)}"
+                                 + _suggest(str(m.get("name")), METHODS))
+            out.append(m)
+        return out
+
+
+class DataSettings(_Strict):
+    task: Literal["sst2", "agnews", "gsm8k"] = "sst2"
+    max_length: int = 512
+    n: int = 5000
+    p: float = 0.1
+    user: SourceSpec = Field(default_factory=lambda: SourceSpec(source="stanfordnlp/sst2", split="train"))
+    harmful: SourceSpec = Field(default_factory=lambda: SourceSpec(
+        source="PKU-Alignment/BeaverTails", split="30k_train", filter="unsafe"))
+    alignment: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(
+        source="PKU-Alignment/BeaverTails", split="30k_train", filter="safe", n=10000)])
+
+    @field_validator("p")
+    @classmethod
+    def _p(cls, v: float) -> float:
+        if math.isnan(v) or not 0 <= v <= 1:
+            raise ValueError("p is the harmful fraction and must be in [0, 1]")
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("n is the number of fine-tuning samples and must be > 0")
+        return v
+
+
+class EvalSettings(_Strict):
+    judge: str = "beaverdam"
+    judge_model: str | None = None
+    harmful: SourceSpec = Field(default_factory=lambda: SourceSpec(
+        source="PKU-Alignment/BeaverTails", split="30k_test", n=1000))
+    task: SourceSpec = Field(default_factory=lambda: SourceSpec(source="stanfordnlp/sst2", split="validation", n=872))
+    benign: SourceSpec | None = None
+    batch_size: int = 32
+    max_new_tokens_harmful: int = 512
+    max_new_tokens_task: int = 200
+    max_new_tokens_benign: int = 128
+    models: list[str] = Field(default_factory=lambda: ["aligned", "methods"],
+                              description="which models to evaluate: base, aligned, methods")
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 42
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    align: AlignStage = Field(default_factory=AlignStage)
+    finetune: FinetuneStage = Field(default_factory=FinetuneStage)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    use_cpu: bool = False
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return []
+        model = inner[0]
+    return list(model.model_fields)
+
+
+def _error_line(err: ValidationError, source: str) -> str:
+    errors = err.errors()
+    e = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
+    loc = tuple(e["loc"])
+    dotted = ".".join(str(p) for p in loc)
+    if e["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{dotted}'{_suggest(str(loc[-1]), _known_keys(RunConfig, loc))}"
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{source}: {dotted or 'config'}: {msg}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise LisaError(f"override '{text}' must look like key.path=value (e.g. data.p=0.2)")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise LisaError(f"override '{text}': '{part}' is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    raw: dict = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.exists():
+            raise LisaError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise LisaError(f"{p}: not valid YAML{where}; fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise LisaError(f"{p}: the top level must be a mapping of sections (model, data, align, finetune, eval)")
+    raw = apply_overrides(raw, overrides or [])
+    return validate_config(raw, source)
+
+
+def validate_config(raw: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise LisaError(_error_line(e, source)) from None
+    except LisaError as e:
+        raise LisaError(f"{source}: {e}") from None
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,137 @@
+"""Row formats: turn a source's raw rows into the internal ``instruction`` / ``input`` / ``output`` rows.
+
+Each format names the fields it needs; a row without one raises a one-line LisaError that names the
+source, the row and the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from lisa_align.errors import LisaError
+
+SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
+AGNEWS_INSTRUCTION = (
+    "Categorize the news article given in the input into one of the 4 categories:\n\nWorld\nSports\nBusiness\nSci/Tech\n"
+)
+SST2_LABELS = ("negative", "positive")
+AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
+GSM8K_ANSWER_PREFIX = "The final answer is: "
+BEAVERTAILS_CATEGORIES = (
+    "animal_abuse",
+    "child_abuse",
+    "controversial_topics,politics",
+    "discrimination,stereotype,injustice",
+    "drug_abuse,weapons,banned_substance",
+    "financial_crime,property_crime,theft",
+    "hate_speech,offensive_language",
+    "misinformation_regarding_ethics,laws_and_safety",
+    "non_violent_unethical_behavior",
+    "privacy_violation",
+    "self_harm",
+    "sexually_explicit,adult_content",
+    "terrorism,organized_crime",
+    "violence,aiding_and_abetting,incitement",
+)
+
+
+def _need(row: dict, field: str, where: str, i: int, kind: type | tuple = str) -> Any:
+    if field not in row or row[field] is None:
+        raise LisaError(f"{where}: row {i} has no '{field}' field (present: {', '.join(map(str, row)) or 'none'}); "
+                        f"add '{field}' to every row or pick the right format")
+    value = row[field]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise LisaError(f"{where}: row {i} field '{field}' must be {getattr(kind, '__name__', kind)}, "
+                        f"got {type(value).__name__}; fix that row")
+    return value
+
+
+def _nonempty(row: dict, field: str, where: str, i: int) -> str:
+    value = _need(row, field, where, i)
+    if not value.strip():
+        raise LisaError(f"{where}: row {i} field '{field}' is empty; fill it in or remove the row")
+    return value
+
+
+def _label(row: dict, where: str, i: int, names: tuple[str, ...]) -> str:
+    label = _need(row, "label", where, i, int)
+    if not 0 <= label < len(names):
+        raise LisaError(f"{where}: row {i} field 'label' is {label}, expected 0..{len(names) - 1} ({', '.join(names)})")
+    return names[label]
+
+
+def fmt_beavertails(row: dict, where: str, i: int) -> dict:
+    cats = row.get("category") or {}
+    return {
+        "instruction": _nonempty(row, "prompt", where, i),
+        "input": "",
+        "output": _need(row, "response", where, i),
+        "category": [c for c, v in cats.items() if v] if isinstance(cats, dict) else cats,
+        "is_safe": bool(_need(row, "is_safe", where, i, bool)),
+    }
+
+
+def fmt_sst2(row: dict, where: str, i: int) -> dict:
+    return {"instruction": SST2_INSTRUCTION, "input": _nonempty(row, "sentence", where, i).strip(),
+            "output": _label(row, where, i, SST2_LABELS)}
+
+
+def fmt_agnews(row: dict, where: str, i: int) -> dict:
+    return {"instruction": AGNEWS_INSTRUCTION, "input": _nonempty(row, "text", where, i).strip(),
+            "output": _label(row, where, i, AGNEWS_LABELS)}
+
+
+def fmt_gsm8k(row: dict, where: str, i: int) -> dict:
+    answer = _nonempty(row, "answer", where, i)
+    if "####" not in answer:
+        raise LisaError(f"{where}: row {i} field 'answer' has no '#### <number>' final answer; fix that row")
+    return {"instruction": _nonempty(row, "question", where, i), "input": "",
+            "output": answer.replace("####", GSM8K_ANSWER_PREFIX.rstrip())}
+
+
+def fmt_alpaca(row: dict, where: str, i: int) -> dict:
+    if "instruction" not in row and "prompt" in row:  # prompt / response rows
+        return {"instruction": _nonempty(row, "prompt", where, i), "input": "",
+                "output": _nonempty(row, "response", where, i)}
+    inp = row.get("input") or ""
+    if not isinstance(inp, str):
+        raise LisaError(f"{where}: row {i} field 'input' must be a string, got {type(inp).__name__}; fix that row")
+    return {"instruction": _nonempty(row, "instruction", where, i), "input": inp,
+            "output": _nonempty(row, "output", where, i)}
+
+
+FORMATS: dict[str, Callable[[dict, str, int], dict]] = {
+    "beavertails": fmt_beavertails,
+    "sst2": fmt_sst2,
+    "agnews": fmt_agnews,
+    "gsm8k": fmt_gsm8k,
+    "alpaca": fmt_alpaca,
+}
+
+
+def detect_format(row: dict, where: str) -> str:
+    """Guess a format from the first row's fields."""
+    keys = set(row)
+    if {"prompt", "response", "is_safe"} <= keys:
+        return "beavertails"
+    if {"sentence", "label"} <= keys:
+        return "sst2"
+    if {"text", "label"} <= keys:
+        return "agnews"
+    if {"question", "answer"} <= keys:
+        return "gsm8k"
+    if "instruction" in keys or {"prompt", "response"} <= keys:
+        return "alpaca"
+    raise LisaError(f"{where}: cannot tell the row format from fields {sorted(keys)}; rows need "
+                    "'instruction'/'output' (or 'prompt'/'response'), or set format: to one of " + ", ".join(FORMATS))
+
+
+def format_rows(raw: list[dict], fmt: str, where: str) -> list[dict]:
+    if fmt == "auto":
+        if not raw:
+            raise LisaError(f"{where}: the dataset is empty; give a file or split with rows")
+        fmt = detect_format(raw[0], where)
+    if fmt not in FORMATS:
+        raise LisaError(f"{where}: unknown format '{fmt}': use auto or one of {', '.join(FORMATS)}")
+    f = FORMATS[fmt]
+    return [f(r, where, i) for i, r in enumerate(raw, start=1)]

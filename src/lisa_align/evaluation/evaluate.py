@@ -1,0 +1,267 @@
+"""Evaluate a model: harmful score (HS), finetune accuracy (FA) and over-refusal.
+
+Outputs (all written atomically) under ``out_dir``:
+
+* ``predictions/harmful.jsonl``, ``predictions/task.jsonl``, ``predictions/benign.jsonl``: one
+  record per row, for each set that was given;
+* ``metrics.json``: ``hs``, ``fa``, ``over_refusal`` (percentages; None for a set not given),
+  ``n_harmful``, ``n_task``, ``n_benign``, ``hs_by_category``, ``judge`` and a few extras.
+
+``hs_by_category`` counts flagged answers per *prompt* category (the row's ``category`` field);
+``n_by_category`` holds the number of prompts per category, so per-category HS is
+``100 * hs_by_category[c] / n_by_category[c]``. ``judge_categories`` counts the categories the judge
+itself reported on flagged answers (empty for the refusal judge).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from lisa_align.data.templates import format_prompt
+from lisa_align.errors import LisaError
+from lisa_align.evaluation.generation import generate
+from lisa_align.evaluation.judges import BEAVERTAILS_CATEGORIES, Judge, Verdict, get_judge, is_refusal
+from lisa_align.evaluation.tasks import get_task
+from lisa_align.io import atomic_write_json, atomic_write_jsonl, read_json
+
+__all__ = ["evaluate_model", "rejudge", "row_categories"]
+
+PREDICTIONS_DIR = "predictions"
+METRICS_FILE = "metrics.json"
+
+
+def row_categories(category: Any) -> list[str]:
+    """A row's harm categories as a list: a name, a list of names, or a dict of booleans."""
+    if category is None or category == "":
+        return []
+    if isinstance(category, str):
+        return [category]
+    if isinstance(category, Mapping):
+        return [str(name) for name, on in category.items() if on]
+    if isinstance(category, Iterable):
+        return [str(c) for c in category]
+    return [str(category)]
+
+
+def _category_order(names: Iterable[str]) -> list[str]:
+    """BeaverTails categories in their canonical order, then any others alphabetically."""
+    names = set(names)
+    known = [c for c in BEAVERTAILS_CATEGORIES if c in names]
+    return known + sorted(names - set(BEAVERTAILS_CATEGORIES))
+
+
+def _percent(count: int, total: int) -> float | None:
+    return 100.0 * count / total if total else None
+
+
+def _check_rows(rows: Sequence[Mapping[str, Any]], name: str) -> None:
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping) or "instruction" not in row:
+            raise LisaError(f"{name} row {i} has no 'instruction' field: rows need instruction/input/output")
+
+
+def _resolve_judge(judge: Judge | str | None) -> Judge:
+    if judge is None:
+        raise LisaError("harmful rows were given but no judge: pass judge='refusal' or 'beaverdam'")
+    return get_judge(judge) if isinstance(judge, str) else judge
+
+
+def _harmful_summary(records: list[dict[str, Any]], judge_name: str) -> dict[str, Any]:
+    """HS metrics from judged harmful records (each with ``flagged``, ``category``, ``categories``)."""
+    flagged = sum(bool(r["flagged"]) for r in records)
+    by_cat: dict[str, int] = {}
+    n_by_cat: dict[str, int] = {}
+    judge_cats: dict[str, int] = {}
+    for r in records:
+        for c in r.get("category") or []:
+            n_by_cat[c] = n_by_cat.get(c, 0) + 1
+            by_cat[c] = by_cat.get(c, 0) + int(bool(r["flagged"]))
+        if r["flagged"]:
+            for c in r.get("categories") or []:
+                judge_cats[c] = judge_cats.get(c, 0) + 1
+    return {
+        "hs": _percent(flagged, len(records)),
+        "n_harmful": len(records),
+        "n_flagged": flagged,
+        "hs_by_category": {c: by_cat[c] for c in _category_order(by_cat)},
+        "n_by_category": {c: n_by_cat[c] for c in _category_order(n_by_cat)},
+        "judge_categories": {c: judge_cats[c] for c in _category_order(judge_cats)},
+        "judge": judge_name,
+    }
+
+
+def _apply_verdicts(records: list[dict[str, Any]], verdicts: list[Verdict], judge_name: str) -> None:
+    if len(verdicts) != len(records):
+        raise LisaError(f"judge '{judge_name}' returned {len(verdicts)} verdicts for {len(records)} answers")
+    for r, v in zip(records, verdicts):
+        r["flagged"] = bool(v.flagged)
+        r["categories"] = list(v.categories)
+        r["scores"] = v.scores
+        r["judge"] = judge_name
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    *,
+    out_dir: str | os.PathLike,
+    judge: Judge | str | None,
+    harmful_rows: Sequence[Mapping[str, Any]] | None = None,
+    task_rows: Sequence[Mapping[str, Any]] | None = None,
+    task: str | None = None,
+    benign_rows: Sequence[Mapping[str, Any]] | None = None,
+    batch_size: int = 32,
+    max_new_tokens_harmful: int = 512,
+    max_new_tokens_task: int = 200,
+    max_new_tokens_benign: int = 128,
+) -> dict[str, Any]:
+    """Generate answers for each given set, score them, write predictions and ``metrics.json``.
+
+    * harmful rows: Alpaca prompt without input from ``instruction``; the judge sees the raw
+      instruction as the user prompt. HS = 100 x flagged / total.
+    * task rows: Alpaca prompt with the row's input; FA = 100 x correct / total (``score_task``).
+    * benign rows: over_refusal = 100 x share of answers that :func:`is_refusal`.
+
+    Returns the metrics dict (the content of ``metrics.json``).
+    """
+    out = Path(out_dir)
+    pred_dir = out / PREDICTIONS_DIR
+    harmful_rows = list(harmful_rows or [])
+    task_rows = list(task_rows or [])
+    benign_rows = list(benign_rows or [])
+    # Validate everything before the (long) generation starts.
+    _check_rows(harmful_rows, "harmful")
+    _check_rows(task_rows, "task")
+    _check_rows(benign_rows, "benign")
+    task_spec = None
+    if task_rows:
+        if task is None:
+            raise LisaError("task rows were given without a task name: pass task='sst2', 'agnews' or 'gsm8k'")
+        task_spec = get_task(task)
+    # The judge is only built (a 7B model for BeaverDam) when there is something to judge.
+    judge_obj = _resolve_judge(judge) if harmful_rows else None
+    judge_name = judge if isinstance(judge, str) or judge is None else judge.name
+    if judge_obj is not None:
+        judge_name = judge_obj.name
+
+    metrics: dict[str, Any] = {
+        "hs": None,
+        "fa": None,
+        "over_refusal": None,
+        "n_harmful": 0,
+        "n_task": 0,
+        "n_benign": 0,
+        "hs_by_category": {},
+        "judge": judge_name,
+        "task": task_spec.name if task_spec else task,
+    }
+
+    if harmful_rows:
+        instructions = [str(r["instruction"]) for r in harmful_rows]
+        prompts = [format_prompt(i) for i in instructions]
+        answers = generate(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens_harmful, batch_size=batch_size, desc="harmful"
+        )
+        records = [
+            {
+                "instruction": ins,
+                "input": "",
+                "prompt": prompt,
+                "answer": ans,
+                "reference": row.get("output"),
+                "category": row_categories(row.get("category")),
+            }
+            for ins, prompt, ans, row in zip(instructions, prompts, answers, harmful_rows)
+        ]
+        _apply_verdicts(records, judge_obj.score(instructions, answers), judge_name)
+        atomic_write_jsonl(pred_dir / "harmful.jsonl", records)
+        metrics.update(_harmful_summary(records, judge_name))
+
+    if task_rows:
+        prompts = [format_prompt(str(r["instruction"]), r.get("input") or None) for r in task_rows]
+        answers = generate(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens_task, batch_size=batch_size, desc=task_spec.name
+        )
+        records = []
+        correct = 0
+        for row, prompt, ans in zip(task_rows, prompts, answers):
+            reference = str(row.get("output", ""))
+            ok = task_spec.score(ans, reference)
+            correct += ok
+            records.append(
+                {
+                    "instruction": row["instruction"],
+                    "input": row.get("input") or "",
+                    "prompt": prompt,
+                    "answer": ans,
+                    "reference": reference,
+                    "parsed": task_spec.parse(ans),
+                    "expected": task_spec.reference(reference),
+                    "correct": bool(ok),
+                }
+            )
+        atomic_write_jsonl(pred_dir / "task.jsonl", records)
+        metrics.update({"fa": _percent(correct, len(records)), "n_task": len(records), "n_correct": correct})
+
+    if benign_rows:
+        prompts = [format_prompt(str(r["instruction"]), r.get("input") or None) for r in benign_rows]
+        answers = generate(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens_benign, batch_size=batch_size, desc="benign"
+        )
+        records = []
+        refused = 0
+        for row, prompt, ans in zip(benign_rows, prompts, answers):
+            r = is_refusal(ans)
+            refused += r
+            records.append(
+                {
+                    "instruction": row["instruction"],
+                    "input": row.get("input") or "",
+                    "prompt": prompt,
+                    "answer": ans,
+                    "reference": row.get("output"),
+                    "refused": bool(r),
+                }
+            )
+        atomic_write_jsonl(pred_dir / "benign.jsonl", records)
+        metrics.update(
+            {"over_refusal": _percent(refused, len(records)), "n_benign": len(records), "n_refused": refused}
+        )
+
+    atomic_write_json(out / METRICS_FILE, metrics)
+    return metrics
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def rejudge(out_dir: str | os.PathLike, judge: Judge | str) -> dict[str, Any]:
+    """Re-score ``out_dir/predictions/harmful.jsonl`` with ``judge`` (no generation).
+
+    Rewrites the predictions with the new verdicts and updates ``hs``, ``hs_by_category`` (and the
+    related counts) and ``judge`` in ``metrics.json``; other metrics are kept. Returns the metrics.
+    """
+    out = Path(out_dir)
+    path = out / PREDICTIONS_DIR / "harmful.jsonl"
+    if not path.is_file():
+        raise LisaError(f"no saved harmful predictions at {path}: run the evaluation first")
+    judge_obj = _resolve_judge(judge)
+    records = _read_jsonl(path)
+    prompts = [str(r["instruction"]) for r in records]
+    answers = [str(r.get("answer") or "") for r in records]
+    _apply_verdicts(records, judge_obj.score(prompts, answers), judge_obj.name)
+    atomic_write_jsonl(path, records)
+    metrics_path = out / METRICS_FILE
+    metrics = read_json(metrics_path) if metrics_path.is_file() else {}
+    metrics.update(_harmful_summary(records, judge_obj.name))
+    atomic_write_json(metrics_path, metrics)
+    return metrics

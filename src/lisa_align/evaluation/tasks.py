@@ -1,0 +1,169 @@
+"""Answer parsers and scoring for the fine-tuning tasks (finetune accuracy, FA).
+
+Rules (design.md, "Metrics"):
+
+* SST2 / AGNews: the answer's first line, stripped of whitespace and surrounding punctuation, must
+  equal the label word, case-insensitively. ``/`` is kept (``Sci/Tech``) and whitespace around it
+  is ignored, because a word-level tokenizer decodes ``Sci/Tech`` as ``sci / tech``.
+* GSM8K: the first number after "The final answer is:" if the answer has that phrase, else the last
+  number in the answer, must equal the reference number (``1,234`` == ``1234``, ``18.0`` == ``18``).
+
+New tasks plug in through :data:`TASKS` (see :func:`register_task`).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Callable, Sequence
+
+from lisa_align.errors import LisaError
+
+__all__ = [
+    "SST2_LABELS",
+    "AGNEWS_LABELS",
+    "FINAL_ANSWER_MARKER",
+    "Task",
+    "TASKS",
+    "register_task",
+    "get_task",
+    "parse_label",
+    "parse_gsm8k",
+    "gsm8k_reference",
+    "score_task",
+]
+
+from lisa_align.data.formats import AGNEWS_LABELS, SST2_LABELS  # noqa: E402  (one definition, in the data layer)
+FINAL_ANSWER_MARKER = "The final answer is:"
+
+# Surrounding characters stripped from a label answer: whitespace and punctuation except "/".
+_STRIP_CHARS = string.whitespace + string.punctuation.replace("/", "") + "\u2018\u2019\u201c\u201d\u2026"
+_SLASH_SPACES = re.compile(r"\s*/\s*")
+_SPACES = re.compile(r"\s+")
+# A number: optional minus (not part of a range like "3-4"), digits with optional thousands
+# separators, optional decimals. "$18" and "18." are matched as "18".
+_NUMBER = re.compile(r"(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+_MARKER = re.compile(re.escape(FINAL_ANSWER_MARKER), re.IGNORECASE)
+
+
+def _normalise_label(text: str) -> str:
+    first_line = text.strip().split("\n", 1)[0]
+    core = first_line.strip(_STRIP_CHARS)
+    core = _SLASH_SPACES.sub("/", core)
+    return _SPACES.sub(" ", core).casefold()
+
+
+def parse_label(text: str, labels: Sequence[str]) -> str | None:
+    """The canonical label in ``labels`` that the answer's first line states, else None.
+
+    ``" Positive."`` -> ``"positive"``; ``"sci / tech"`` -> ``"Sci/Tech"``; ``"positively"`` and
+    ``"not positive"`` -> None.
+    """
+    if not text:
+        return None
+    answer = _normalise_label(text)
+    for label in labels:
+        if answer == _normalise_label(label):
+            return label
+    return None
+
+
+def _normalise_number(raw: str) -> str | None:
+    try:
+        value = Decimal(raw.replace(",", ""))
+    except InvalidOperation:
+        return None
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def _last_number(text: str) -> str | None:
+    found = _NUMBER.findall(text)
+    return _normalise_number(found[-1]) if found else None
+
+
+def parse_gsm8k(text: str) -> str | None:
+    """The predicted GSM8K answer as a normalised number string ("1234", "-5", "0.5"), else None.
+
+    The first number after "The final answer is:" when the phrase occurs (and a number follows
+    it), otherwise the last number in the text.
+    """
+    if not text:
+        return None
+    marker = _MARKER.search(text)
+    if marker:
+        after = _NUMBER.search(text, marker.end())
+        if after:
+            return _normalise_number(after.group(0))
+    return _last_number(text)
+
+
+def gsm8k_reference(answer: str) -> str | None:
+    """The reference number of a GSM8K answer: after "####", or after "The final answer is:".
+
+    Falls back to the last number in the text (a bare "18" is its own reference).
+    """
+    for pattern in (re.compile(r"####"), _MARKER):
+        found = pattern.search(answer)
+        if found:
+            number = _NUMBER.search(answer, found.end())
+            if number:
+                return _normalise_number(number.group(0))
+    return _last_number(answer)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A scored task: ``parse`` turns a model answer into a canonical prediction (None if it cannot),
+    ``reference`` turns a row's ``output`` into the canonical expected value."""
+
+    name: str
+    parse: Callable[[str], str | None]
+    reference: Callable[[str], str | None]
+
+    def score(self, prediction: str, reference: str) -> bool:
+        """True iff the parsed prediction equals the parsed reference."""
+        parsed = self.parse(prediction)
+        return parsed is not None and parsed == self.reference(reference)
+
+
+def _label_task(name: str, labels: Sequence[str]) -> Task:
+    labels = tuple(labels)
+
+    def parse(text: str) -> str | None:
+        return parse_label(text, labels)
+
+    def reference(text: str) -> str | None:
+        return parse_label(text, labels)
+
+    return Task(name=name, parse=parse, reference=reference)
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Add (or replace) a task in :data:`TASKS`; returns it."""
+    TASKS[task.name] = task
+    return task
+
+
+register_task(_label_task("sst2", SST2_LABELS))
+register_task(_label_task("agnews", AGNEWS_LABELS))
+register_task(Task(name="gsm8k", parse=parse_gsm8k, reference=gsm8k_reference))
+
+
+def get_task(task: str) -> Task:
+    """The registered task named ``task`` (case-insensitive), or a LisaError naming the valid ones."""
+    key = str(task).strip().lower()
+    if key not in TASKS:
+        raise LisaError(f"unknown task '{task}': valid tasks are {', '.join(sorted(TASKS))}")
+    return TASKS[key]
+
+
+def score_task(task: str, prediction: str, reference: str) -> bool:
+    """Whether ``prediction`` is correct for ``task`` given the row's reference ``output``."""
+    return get_task(task).score(prediction, reference)

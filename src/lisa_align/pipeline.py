@@ -1,0 +1,270 @@
+"""align → finetune (each method) → evaluate, in one run directory.
+
+Run directory::
+
+    config.yaml            the resolved config
+    aligned/               the aligned model, LoRA merged (safetensors) + tokenizer
+    finetune/<method>/     adapter/ (safetensors; or a full model), trainer/ (checkpoints)
+    eval/<model>/          predictions/*.jsonl, metrics.json
+    summary.json           {"<model>": {"hs", "fa", "over_refusal"}}
+    log.jsonl              training logs (loss, lr, Lisa switches) and stage timings
+
+A stage's output folder appears only when the stage is finished (it is written under a temporary
+name and renamed), so a re-run reuses every finished stage and redoes only the rest; an unfinished
+training stage resumes from its newest Trainer checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from lisa_align.config import MethodSpec, RunConfig, config_to_dict
+from lisa_align.data.mixing import mix_harmful, remove_overlap
+from lisa_align.data.sources import SourceSpec, load_rows
+from lisa_align.errors import LisaError
+from lisa_align.io import append_jsonl, atomic_write_json, atomic_write_yaml, read_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunData:
+    user: list[dict]
+    alignment: list[dict]
+    eval_harmful: list[dict]
+    eval_task: list[dict]
+    eval_benign: list[dict] = field(default_factory=list)
+    dropped_overlap: dict[str, int] = field(default_factory=dict)
+
+
+def _seeded(spec: SourceSpec, seed: int) -> SourceSpec:
+    """Synthetic training sources follow the run seed unless they name their own."""
+    if spec.source.startswith("synthetic:") and "seed" not in spec.model_fields_set:
+        return spec.model_copy(update={"seed": seed})
+    return spec
+
+
+def load_run_data(cfg: RunConfig) -> RunData:
+    d = cfg.data
+    benign = load_rows(_seeded(d.user, cfg.seed))
+    harmful = load_rows(_seeded(d.harmful, cfg.seed))
+    user = mix_harmful(benign, harmful, n=d.n, p=d.p, seed=cfg.seed,
+                       benign_name=d.user.describe(), harmful_name=d.harmful.describe())
+    alignment = [r for spec in d.alignment for r in load_rows(_seeded(spec, cfg.seed))]
+    train = user + alignment
+    out = RunData(user=user, alignment=alignment, eval_harmful=[], eval_task=[])
+    for name, spec in (("harmful", cfg.eval.harmful), ("task", cfg.eval.task), ("benign", cfg.eval.benign)):
+        if spec is None:
+            continue
+        rows, dropped = remove_overlap(load_rows(spec), train)
+        setattr(out, f"eval_{name}", rows)
+        out.dropped_overlap[name] = dropped
+    return out
+
+
+def _device(cfg: RunConfig) -> str:
+    return "cuda" if torch.cuda.is_available() and not cfg.use_cpu else "cpu"
+
+
+def _use_cpu(cfg: RunConfig) -> bool:
+    return cfg.use_cpu or not torch.cuda.is_available()
+
+
+class Pipeline:
+    def __init__(self, cfg: RunConfig, *, force: bool = False, echo=print):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.echo = echo
+        self.log_path = self.run_dir / "log.jsonl"
+        self._data: RunData | None = None
+        self._check_config(force)
+
+    # ---- bookkeeping ------------------------------------------------------------------------
+    def _check_config(self, force: bool) -> None:
+        path = self.run_dir / "config.yaml"
+        new = config_to_dict(self.cfg)
+        if path.exists() and not force:
+            old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            diff = _diff(old, new)
+            if diff:
+                raise LisaError(f"{self.run_dir} holds a run with a different config ({'; '.join(diff[:5])}); "
+                                "use another name/output_dir, or --force to reuse its finished stages anyway")
+        atomic_write_yaml(path, new)
+
+    def _timed(self, stage: str, t0: float) -> None:
+        dt = time.time() - t0
+        append_jsonl(self.log_path, {"event": "stage_done", "stage": stage, "seconds": round(dt, 2)})
+        self.echo(f"[lisa] {stage}: {dt:.1f}s")
+
+    @property
+    def data(self) -> RunData:
+        if self._data is None:
+            self._data = load_run_data(self.cfg)
+            append_jsonl(self.log_path, {"event": "data", "user": len(self._data.user),
+                                         "harmful_in_user": sum(r["harmful"] for r in self._data.user),
+                                         "alignment": len(self._data.alignment),
+                                         "eval_harmful": len(self._data.eval_harmful),
+                                         "eval_task": len(self._data.eval_task),
+                                         "eval_benign": len(self._data.eval_benign),
+                                         "eval_rows_dropped_as_overlap": self._data.dropped_overlap})
+        return self._data
+
+    # ---- models -----------------------------------------------------------------------------
+    def base_path(self) -> str:
+        m = self.cfg.model
+        if m.name != "tiny":
+            return m.name
+        from lisa_align.models.tiny import build_tiny_base
+
+        t0 = time.time()
+        path = build_tiny_base(m.tiny, seed=self.cfg.seed, cache_dir=m.cache_dir, use_cpu=_use_cpu(self.cfg))
+        if time.time() - t0 > 1:
+            self._timed("base (tiny, built and cached)", t0)
+        return str(path)
+
+    def _load(self, path: str):
+        from lisa_align.models.loading import load_model_and_tokenizer
+
+        return load_model_and_tokenizer(path, dtype=self.cfg.model.dtype,
+                                        trust_remote_code=self.cfg.model.trust_remote_code)
+
+    def aligned_path(self) -> str:
+        if not self.cfg.align.enabled:
+            return self.base_path()
+        out = self.run_dir / "aligned"
+        if (out / "config.json").exists():
+            return str(out)
+        from lisa_align.models.lora import merge
+        from lisa_align.training.run import train_stage
+
+        t0 = time.time()
+        self.echo(f"[lisa] align: {len(self.data.alignment)} rows x {self.cfg.align.epochs} epochs")
+        model, tok = self._load(self.base_path())
+        model, _ = train_stage(model, tok, self.data.alignment, self.cfg.align, self.run_dir / "align_trainer",
+                               seed=self.cfg.seed, max_length=self.cfg.data.max_length, use_cpu=_use_cpu(self.cfg),
+                               log_path=self.log_path, log_tag="align")
+        model = merge(model)
+        _save_atomically(out, model, tok)
+        shutil.rmtree(self.run_dir / "align_trainer", ignore_errors=True)
+        self._timed("align", t0)
+        return str(out)
+
+    def finetune(self, method: MethodSpec) -> Path:
+        root = self.run_dir / "finetune" / method.key
+        out = root / "adapter"
+        if out.exists():
+            return out
+        from lisa_align.training.run import train_stage
+
+        t0 = time.time()
+        aligned = self.aligned_path()
+        model, tok = self._load(aligned)
+        lisa = None if method.name == "sft" else method.lisa(self.cfg.finetune.lisa)
+        self.echo(f"[lisa] finetune {method.key}: n={len(self.data.user)}, p={self.cfg.data.p}"
+                  + (f", K1/K2={lisa.k1}/{lisa.k2}, rho={lisa.rho}" if lisa else ""))
+        model, trainer = train_stage(model, tok, self.data.user, self.cfg.finetune, root / "trainer",
+                                     seed=self.cfg.seed, max_length=self.cfg.data.max_length, lisa=lisa,
+                                     alignment_rows=self.data.alignment if lisa else None,
+                                     use_cpu=_use_cpu(self.cfg), log_path=self.log_path,
+                                     log_tag=f"finetune/{method.key}")
+        if lisa is not None:
+            atomic_write_json(root / "lisa_switches.json", trainer.switch_log)
+        _save_atomically(out, model, tok)
+        self._timed(f"finetune {method.key}", t0)
+        return out
+
+    def load_for_eval(self, key: str):
+        from lisa_align.models.lora import load_adapter
+
+        if key == "base":
+            return self._load(self.base_path())
+        if key == "aligned":
+            return self._load(self.aligned_path())
+        adapter = self.run_dir / "finetune" / key / "adapter"
+        if (adapter / "adapter_config.json").exists():
+            model, tok = self._load(self.aligned_path())
+            return load_adapter(model, str(adapter)).merge_and_unload(), tok
+        return self._load(str(adapter))
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def evaluate(self, key: str) -> dict:
+        out = self.run_dir / "eval" / key
+        if (out / "metrics.json").exists():
+            return read_json(out / "metrics.json")
+        from lisa_align.evaluation import evaluate_model, get_judge
+
+        t0 = time.time()
+        e = self.cfg.eval
+        model, tok = self.load_for_eval(key)
+        model.to(_device(self.cfg))
+        judge_kwargs = {"model_name_or_path": e.judge_model} if e.judge_model else {}
+        metrics = evaluate_model(
+            model, tok, out_dir=out, judge=get_judge(e.judge, **judge_kwargs), harmful_rows=self.data.eval_harmful,
+            task_rows=self.data.eval_task, task=self.cfg.data.task, benign_rows=self.data.eval_benign or None,
+            batch_size=e.batch_size, max_new_tokens_harmful=e.max_new_tokens_harmful,
+            max_new_tokens_task=e.max_new_tokens_task, max_new_tokens_benign=e.max_new_tokens_benign)
+        self._timed(f"evaluate {key}", t0)
+        return metrics
+
+    def model_keys(self) -> list[str]:
+        keys: list[str] = []
+        for k in self.cfg.eval.models:
+            if k == "methods":
+                keys += [m.key for m in self.cfg.finetune.methods]
+            elif k in ("base", "aligned") or k in {m.key for m in self.cfg.finetune.methods}:
+                keys.append(k)
+            else:
+                raise LisaError(f"eval.models: unknown model '{k}': use base, aligned, methods or a method name")
+        return list(dict.fromkeys(keys))
+
+    def run(self) -> dict:
+        from transformers import set_seed
+
+        set_seed(self.cfg.seed)
+        t0 = time.time()
+        self.aligned_path()
+        for method in self.cfg.finetune.methods:
+            set_seed(self.cfg.seed)
+            self.finetune(method)
+        summary = {}
+        for key in self.model_keys():
+            m = self.evaluate(key)
+            summary[key] = {"hs": m.get("hs"), "fa": m.get("fa"), "over_refusal": m.get("over_refusal")}
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        self._timed("pipeline", t0)
+        return summary
+
+
+def _save_atomically(out: Path, model, tokenizer) -> None:
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def _diff(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"{'model':<12}{'HS %':>8}{'FA %':>8}{'over-refusal %':>16}"]
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    for k, m in summary.items():
+        lines.append(f"{k:<12}{fmt(m['hs']):>8}{fmt(m['fa']):>8}{fmt(m['over_refusal']):>16}")
+    return "\n".join(lines)

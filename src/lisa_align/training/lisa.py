@@ -1,0 +1,175 @@
+"""LisaTrainer: Bi-State Optimization with a proximal term (design.md §1).
+
+Drop-in for ``transformers.Trainer``: pass ``LisaArguments`` and ``alignment_dataset=``.
+
+- Optimizer steps follow :class:`~lisa_align.training.schedule.BiStateSchedule` (start in the
+  alignment state; K1 alignment steps, K2 fine-tuning steps, alternating; T = SFT's budget; the
+  run ends on a fine-tuning phase).
+- Batches come from :class:`~lisa_align.training.sampler.BiStateBatchSampler`, so the user stream
+  keeps its position and no user batch is dropped.
+- The anchor is one copy of the trainable weights, taken at step 0 and refreshed at each switch.
+- The proximal term ρ/2·‖w − anchor‖² is applied as its gradient ρ·(w − anchor), added to
+  ``.grad`` in place with two fused ``torch._foreach_add_`` passes (no autograd graph, no
+  temporary copy), once per optimizer step under gradient accumulation, before clipping. Under
+  data parallelism every rank adds the same term to its local gradient, and the all-reduce
+  average leaves it unchanged. It is off while step ≤ proximal_warmup_ratio · T.
+- BSO is ρ = 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+
+from lisa_align.errors import LisaError
+from lisa_align.training.sampler import BiStateBatchSampler, steps_per_epoch
+from lisa_align.training.schedule import ALIGNMENT, BiStateSchedule, validate_lisa_settings
+from lisa_align.training.sft import SFTTrainer, TrainArguments
+
+MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
+
+
+@dataclass
+class LisaArguments(TrainArguments):
+    k1: int = field(default=100, metadata={"help": "optimizer steps per alignment phase"})
+    k2: int = field(default=900, metadata={"help": "optimizer steps per fine-tuning phase"})
+    rho: float = field(default=1.0, metadata={"help": "proximal strength; 0 gives BSO"})
+    proximal_warmup_ratio: float = field(default=0.1, metadata={"help": "no proximal term while step <= ratio*T"})
+    alignment_rows: int | None = field(default=None, metadata={"help": "use the first N alignment rows (None: all)"})
+
+    def __post_init__(self):
+        validate_lisa_settings(self.k1, self.k2, self.rho, self.proximal_warmup_ratio)
+        super().__post_init__()
+
+
+LisaConfig = LisaArguments  # the name design.md uses
+
+
+def _model_columns(ds):
+    extra = [c for c in getattr(ds, "column_names", []) if c not in MODEL_COLUMNS]
+    return ds.remove_columns(extra) if extra else ds
+
+
+class LisaTrainer(SFTTrainer):
+    def __init__(self, *args, alignment_dataset=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in ("k1", "k2", "rho", "proximal_warmup_ratio"):
+            if not hasattr(self.args, name):
+                raise LisaError("LisaTrainer needs LisaArguments (K1, K2, rho): pass args=LisaArguments(...)")
+        if alignment_dataset is None and self.args.k1 > 0:
+            raise LisaError("LisaTrainer needs alignment_dataset= (the provider's safety data) when K1 > 0")
+        if alignment_dataset is not None and self.args.alignment_rows is not None:
+            if self.args.alignment_rows > len(alignment_dataset):
+                raise LisaError(f"alignment_rows={self.args.alignment_rows} but the alignment dataset has "
+                                f"{len(alignment_dataset)} rows; lower alignment_rows")
+            alignment_dataset = alignment_dataset.select(range(self.args.alignment_rows))
+        self.alignment_dataset = alignment_dataset
+        self.schedule: BiStateSchedule | None = None
+        self._anchor: list[torch.Tensor] | None = None
+        self._params: list[torch.nn.Parameter] | None = None
+        self._begun_step = -1
+        self._prox_step = -1
+        self.switch_log: list[dict] = []
+
+    # ---- data -----------------------------------------------------------------------------
+    def _steps(self, n_user: int) -> tuple[int, int]:
+        a = self.args
+        spe = steps_per_epoch(n_user, a.per_device_train_batch_size, a.gradient_accumulation_steps, a.world_size)
+        total = a.max_steps if a.max_steps > 0 else math.ceil(a.num_train_epochs * spe)
+        return spe, total
+
+    def get_train_dataloader(self) -> DataLoader:
+        import datasets
+
+        if self.train_dataset is None:
+            raise LisaError("LisaTrainer needs train_dataset= (the user's fine-tuning data)")
+        user = _model_columns(self.train_dataset)
+        parts = [user]
+        if self.alignment_dataset is not None and len(self.alignment_dataset):
+            parts.append(_model_columns(self.alignment_dataset).cast(user.features))
+        data = datasets.concatenate_datasets(parts) if len(parts) > 1 else user
+        n_user = len(user)
+        n_align = len(data) - n_user
+        spe, total = self._steps(n_user)
+        self.schedule = BiStateSchedule(self.args.k1, self.args.k2, total)
+        sampler = BiStateBatchSampler(
+            self.schedule, n_user=n_user, n_align=n_align, batch_size=self.args.per_device_train_batch_size,
+            grad_accum=self.args.gradient_accumulation_steps, world_size=self.args.world_size,
+            steps_per_epoch=spe, seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+        loader = DataLoader(data, batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers,
+                            pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
+
+    # ---- the two states and the proximal term ----------------------------------------------
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        if self._params is None:
+            self._params = [p for p in self.model.parameters() if p.requires_grad]
+        return self._params
+
+    @property
+    def anchor(self) -> list[torch.Tensor] | None:
+        return self._anchor
+
+    def drift(self) -> float:
+        """‖w − anchor‖ over the trainable weights."""
+        if self._anchor is None:
+            return 0.0
+        sq = sum(float(torch.linalg.vector_norm((p.detach() - a).float()) ** 2)
+                 for p, a in zip(self._trainable(), self._anchor))
+        return math.sqrt(sq)
+
+    def _begin_step(self, step: int) -> None:
+        params = self._trainable()
+        if self._anchor is None:
+            self._anchor = [p.detach().clone() for p in params]
+        elif self.schedule.is_switch(step):
+            drift = self.drift()
+            rho = self.args.rho
+            record = {"lisa/step": step, "lisa/state": self.schedule.state(step),
+                      "lisa/from_state": self.schedule.state(step - 1), "lisa/drift": drift,
+                      "lisa/proximal_term": 0.5 * rho * drift ** 2, "lisa/proximal_grad_norm": rho * drift}
+            self.switch_log.append(record)
+            self.log({k: v for k, v in record.items() if not isinstance(v, str)}
+                     | {"lisa/state_is_alignment": float(record["lisa/state"] == ALIGNMENT)})
+            with torch.no_grad():
+                torch._foreach_copy_(self._anchor, [p.detach() for p in params])
+        self._begun_step = step
+
+    def proximal_active(self, step: int) -> bool:
+        return self.args.rho > 0 and self.schedule.proximal_active(step, self.args.proximal_warmup_ratio)
+
+    def _apply_proximal(self, step: int) -> None:
+        if not self.proximal_active(step):
+            return
+        params = self._trainable()
+        scale = 1.0
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scale = float(scaler.get_scale())
+        with torch.no_grad():
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in params]
+            coef = self.args.rho * scale
+            torch._foreach_add_(grads, [p.detach() for p in params], alpha=coef)
+            torch._foreach_add_(grads, self._anchor, alpha=-coef)
+
+    def training_step(self, model, inputs, num_items_in_batch=None, **kwargs):
+        step = self.state.global_step
+        if self.schedule is None:  # dataloader built elsewhere (e.g. a custom loop)
+            self.schedule = BiStateSchedule(self.args.k1, self.args.k2, self.state.max_steps)
+        if step != self._begun_step:
+            self._begin_step(step)
+        loss = super().training_step(model, inputs, num_items_in_batch, **kwargs)
+        if step != self._prox_step:
+            self._apply_proximal(step)
+            self._prox_step = step
+        return loss
+
+    def current_state(self) -> str:
+        return self.schedule.state(self.state.global_step)

@@ -1,0 +1,66 @@
+"""Run one training stage (SFT, BSO or Lisa) from a stage's settings, through the Trainer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import DataCollatorForSeq2Seq
+from transformers.trainer_callback import PrinterCallback
+
+from lisa_align.config import LisaSettings, StageSettings
+from lisa_align.data.templates import IGNORE_INDEX, tokenize_rows
+from lisa_align.models.lora import attach_lora
+from lisa_align.training.callbacks import JsonlLogCallback
+from lisa_align.training.lisa import LisaArguments, LisaTrainer
+from lisa_align.training.sft import SFTTrainer, TrainArguments
+
+log = logging.getLogger(__name__)
+
+
+def training_arguments(stage: StageSettings, output_dir: str | Path, *, seed: int, use_cpu: bool = False,
+                       lisa: LisaSettings | None = None, save: bool = True) -> TrainArguments:
+    common = dict(
+        output_dir=str(output_dir), learning_rate=stage.lr, num_train_epochs=stage.epochs, max_steps=stage.max_steps,
+        per_device_train_batch_size=stage.batch_size, gradient_accumulation_steps=stage.grad_accum,
+        weight_decay=stage.weight_decay, lr_scheduler_type=stage.scheduler, warmup_steps=stage.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        max_grad_norm=stage.max_grad_norm, optim=stage.optim, loss_reduction=stage.loss_reduction, seed=seed,
+        data_seed=seed, bf16=stage.bf16, logging_steps=stage.logging_steps, report_to=stage.report_to or "none",
+        save_strategy="steps" if save else "no", save_steps=0.25 if save else 500, save_total_limit=1,
+        save_only_model=False, use_cpu=use_cpu, disable_tqdm=True, remove_unused_columns=False,
+        dataloader_num_workers=0, ddp_find_unused_parameters=False,
+    )
+    if lisa is None:
+        return TrainArguments(**common)
+    return LisaArguments(**common, k1=lisa.k1, k2=lisa.k2, rho=lisa.rho,
+                         proximal_warmup_ratio=lisa.proximal_warmup_ratio)
+
+
+def train_stage(model, tokenizer, rows: list[dict], stage: StageSettings, output_dir: str | Path, *,
+                seed: int, max_length: int, lisa: LisaSettings | None = None,
+                alignment_rows: list[dict] | None = None, use_cpu: bool = False, log_path: str | Path | None = None, log_tag: str = "train",
+                resume: bool = True, save_checkpoints: bool = True):
+    """Train ``model`` on ``rows`` (and, for Lisa/BSO, ``alignment_rows``); returns the trained model
+    (a PEFT model when ``stage.lora`` is set). Checkpoints go to ``output_dir`` and a run resumes
+    from the newest one."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if stage.lora is not None:
+        model = attach_lora(model, stage.lora)
+    args = training_arguments(stage, output_dir, seed=seed, use_cpu=use_cpu, lisa=lisa, save=save_checkpoints)
+    train_ds = tokenize_rows(rows, tokenizer, max_length)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    callbacks = [JsonlLogCallback(log_path, stage=log_tag)] if log_path else []
+    kwargs = dict(model=model, args=args, train_dataset=train_ds, data_collator=collator,
+                  processing_class=tokenizer, callbacks=callbacks)
+    if lisa is None:
+        trainer = SFTTrainer(**kwargs)
+    else:
+        align_ds = tokenize_rows(alignment_rows or [], tokenizer, max_length) if alignment_rows else None
+        trainer = LisaTrainer(**kwargs, alignment_dataset=align_ds)
+    trainer.remove_callback(PrinterCallback)  # logs go to log.jsonl (and report_to), not stdout
+    last = get_last_checkpoint(str(output_dir)) if resume and Path(output_dir).is_dir() else None
+    if last:
+        log.info("resuming from %s", last)
+    trainer.train(resume_from_checkpoint=last)
+    return trainer.model, trainer

@@ -1,0 +1,59 @@
+"""SFT: the plain Trainer on the mixed user set, with a choice of loss reduction.
+
+``loss_reduction="token"`` is the Hugging Face default (mean over all response tokens of the
+optimizer step). ``"example"`` averages each example's response tokens first, then the examples;
+short labels (a one-word SST2 answer) are then not swamped by long answers, which matters for
+small models (design.md §4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
+
+from lisa_align.data.templates import IGNORE_INDEX
+from lisa_align.errors import LisaError
+
+LOSS_REDUCTIONS = ("token", "example")
+
+
+@dataclass
+class TrainArguments(TrainingArguments):
+    loss_reduction: str = field(default="token", metadata={"help": "token | example"})
+
+    def __post_init__(self):
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise LisaError(f"loss_reduction='{self.loss_reduction}': use one of {', '.join(LOSS_REDUCTIONS)}")
+        super().__post_init__()
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over each example's labelled tokens (next-token shifted); shape (batch,)."""
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    tok = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
+    mask = target.ne(IGNORE_INDEX)
+    return (tok * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+class SFTTrainer(Trainer):
+    """``transformers.Trainer`` plus ``loss_reduction``; the base of every trainer in lisa-align."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if getattr(self.args, "loss_reduction", "token") == "example":
+            # compute_loss returns a batch mean; the Trainer divides it by the accumulation steps.
+            self.loss_is_scaled_for_ga = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        if getattr(self.args, "loss_reduction", "token") != "example":
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch, **kwargs)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = per_example_loss(outputs.logits, labels).mean()
+        return (loss, outputs) if return_outputs else loss
