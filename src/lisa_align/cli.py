@@ -31,6 +31,9 @@ def _quiet() -> None:
 
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
+        import datasets
+
+        datasets.disable_progress_bars()
     except Exception:  # pragma: no cover
         pass
 
@@ -40,7 +43,9 @@ def cmd_run(args) -> int:
     from lisa_align.pipeline import Pipeline, format_table
 
     cfg = load_config(args.config, args.overrides)
-    summary = Pipeline(cfg, force=args.force).run()
+    pipeline = Pipeline(cfg, force=args.force)
+    pipeline.data  # load and validate every data source before any model is built or trained
+    summary = pipeline.run()
     print(format_table(summary))
     print(cfg.run_dir / "summary.json")
     return 0
@@ -54,7 +59,9 @@ def cmd_demo(args) -> int:
     overrides += [f"name=demo-seed{args.seed}"] + list(args.overrides)
     cfg = load_config(preset_path("demo"), overrides)
     t0 = time.time()
-    summary = Pipeline(cfg, force=args.force).run()
+    pipeline = Pipeline(cfg, force=args.force)
+    pipeline.data  # load and validate every data source before any model is built or trained
+    summary = pipeline.run()
     print()
     print(f"lisa demo (seed {cfg.seed}, p={cfg.data.p}, n={cfg.data.n}, judge={cfg.eval.judge}) "
           f"in {time.time() - t0:.0f}s")

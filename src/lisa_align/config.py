@@ -60,7 +60,7 @@ class StageSettings(_Strict):
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
-    lora: LoraSettings | None = Field(default_factory=lambda: FINETUNE_LORA.model_copy())
+    lora: LoraSettings | None = Field(default_factory=lambda: FINETUNE_LORA.model_copy(deep=True))
     loss_reduction: Literal["token", "example"] = "token"
     bf16: bool = False
     logging_steps: int = 10
@@ -80,7 +80,7 @@ class AlignStage(StageSettings):
     epochs: float = 30
     weight_decay: float = 0.1
     scheduler: str = "cosine"
-    lora: LoraSettings | None = Field(default_factory=lambda: ALIGN_LORA.model_copy())
+    lora: LoraSettings | None = Field(default_factory=lambda: ALIGN_LORA.model_copy(deep=True))
 
 
 class LisaSettings(_Strict):
@@ -91,7 +91,10 @@ class LisaSettings(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        validate_lisa_settings(self.k1, self.k2, self.rho, self.proximal_warmup_ratio)
+        try:
+            validate_lisa_settings(self.k1, self.k2, self.rho, self.proximal_warmup_ratio)
+        except LisaError as e:  # a ValueError keeps the key path (finetune.lisa) in the message
+            raise ValueError(str(e)) from None
         return self
 
 
@@ -134,6 +137,28 @@ class FinetuneStage(StageSettings):
             out.append(m)
         return out
 
+    @model_validator(mode="after")
+    def _check_methods(self):
+        seen: set[str] = set()
+        for i, m in enumerate(self.methods):
+            where = f"method '{m.key}' (methods.{i})"
+            if m.key in seen:
+                raise ValueError(f"{where}: two methods share the run folder '{m.key}'; give each one a distinct 'label'")
+            seen.add(m.key)
+            if m.name == "bso" and m.rho not in (None, 0):
+                raise ValueError(f"{where}: bso is Lisa with rho=0, so rho={m.rho} is not allowed; "
+                                 "use name: lisa for rho > 0, or remove rho")
+            if m.name == "sft":
+                continue
+            k1 = m.k1 if m.k1 is not None else self.lisa.k1
+            k2 = m.k2 if m.k2 is not None else self.lisa.k2
+            rho = 0.0 if m.name == "bso" else (m.rho if m.rho is not None else self.lisa.rho)
+            try:
+                validate_lisa_settings(k1, k2, rho, self.lisa.proximal_warmup_ratio)
+            except LisaError as e:
+                raise ValueError(f"{where}: {e}") from None
+        return self
+
 
 class DataSettings(_Strict):
     task: Literal["sst2", "agnews", "gsm8k"] = "sst2"
@@ -151,6 +176,13 @@ class DataSettings(_Strict):
     def _p(cls, v: float) -> float:
         if math.isnan(v) or not 0 <= v <= 1:
             raise ValueError("p is the harmful fraction and must be in [0, 1]")
+        return v
+
+    @field_validator("max_length")
+    @classmethod
+    def _max_length(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("max_length is the longest tokenised row and must be > 0 (e.g. 512)")
         return v
 
     @field_validator("n")
@@ -175,6 +207,16 @@ class EvalSettings(_Strict):
     models: list[str] = Field(default_factory=lambda: ["aligned", "methods"],
                               description="which models to evaluate: base, aligned, methods")
 
+    @field_validator("judge")
+    @classmethod
+    def _judge(cls, v: str) -> str:
+        from lisa_align.evaluation.judges import JUDGES
+
+        if str(v).strip().lower().replace("-", "").replace("_", "") not in JUDGES:
+            raise ValueError(f"unknown judge '{v}': use one of {', '.join(sorted(JUDGES))}"
+                             + _suggest(str(v).lower(), sorted(JUDGES)))
+        return v
+
 
 class RunConfig(_Strict):
     name: str = "run"
@@ -186,6 +228,16 @@ class RunConfig(_Strict):
     finetune: FinetuneStage = Field(default_factory=FinetuneStage)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     use_cpu: bool = False
+
+    @model_validator(mode="after")
+    def _check_eval_models(self):
+        keys = [m.key for m in self.finetune.methods]
+        for k in self.eval.models:
+            if k not in ("base", "aligned", "methods") and k not in keys:
+                raise ValueError(f"eval.models: unknown model '{k}': use base, aligned, methods or a method name "
+                                 f"({', '.join(keys) or 'none configured'})"
+                                 + _suggest(k, ["base", "aligned", "methods", *keys]))
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -220,7 +272,7 @@ def _error_line(err: ValidationError, source: str) -> str:
     if e["type"] == "extra_forbidden":
         return f"{source}: unknown key '{dotted}'{_suggest(str(loc[-1]), _known_keys(RunConfig, loc))}"
     msg = e["msg"].removeprefix("Value error, ")
-    return f"{source}: {dotted or 'config'}: {msg}"
+    return f"{source}: {dotted + ': ' if dotted else ''}{msg}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -230,12 +282,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(value)
 
 
+def _default_section(path: list[str]) -> dict:
+    """The values a default section was built with (e.g. eval.harmful -> its source, split and n), so
+    that ``eval.harmful.n=100`` on a config without an ``eval.harmful`` section changes only n."""
+    obj: Any = RunConfig()
+    for part in path:
+        obj = getattr(obj, part, None)
+    return obj.model_dump(mode="json", exclude_unset=True) if isinstance(obj, BaseModel) else {}
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for text in overrides:
         path, value = parse_override(text)
         node = raw
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
+        for i, part in enumerate(path[:-1]):
+            if node.get(part) is None:  # absent or null (e.g. lora: null): start from the default section
+                node[part] = _default_section(path[: i + 1])
+            node = node[part]
             if not isinstance(node, dict):
                 raise LisaError(f"override '{text}': '{part}' is not a section")
         node[path[-1]] = value

@@ -78,7 +78,7 @@ def load_rows(spec: SourceSpec) -> list[dict]:
                         "check the file or split")
     if spec.n is not None:
         if spec.n <= 0:
-            raise LisaError(f"{where}: n={spec.n} must be positive")
+            raise LisaError(f"{where}: n={spec.n} must be positive; set n: to the number of rows to take, or remove it")
         if spec.n > len(rows):
             raise LisaError(f"{where}: n={spec.n} asks for more rows than the {len(rows)} available"
                             f"{' after filter ' + spec.filter if spec.filter else ''}; lower n")

@@ -14,6 +14,9 @@ DEFAULT_PAD_TOKEN = "[PAD]"
 
 
 def _not_found(kind: str, name: str, err: Exception) -> LisaError:
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+        return LisaError(f"{kind} path '{name}' does not exist; pass an existing folder saved with save_pretrained "
+                         "or a HF id such as meta-llama/Llama-2-7b-hf")
     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
     hint = "the folder has no config.json" if Path(name).exists() else "no such local folder, and the hub cannot provide it"
     return LisaError(f"{kind} '{name}' could not be loaded ({hint}: {first}); "

@@ -9,8 +9,9 @@ Drop-in for ``transformers.Trainer``: pass ``LisaArguments`` and ``alignment_dat
   keeps its position and no user batch is dropped.
 - The anchor is one copy of the trainable weights, taken at step 0 and refreshed at each switch.
 - The proximal term ρ/2·‖w − anchor‖² is applied as its gradient ρ·(w − anchor), added to
-  ``.grad`` in place with two fused ``torch._foreach_add_`` passes (no autograd graph, no
-  temporary copy), once per optimizer step under gradient accumulation, before clipping. Under
+  ``.grad`` in place with fused ``torch._foreach_*`` ops (no autograd graph; w − anchor is formed
+  first, in bounded chunks, so the result is rounded once as autograd's would be, also in bf16),
+  once per optimizer step under gradient accumulation, before clipping. Under
   data parallelism every rank adds the same term to its local gradient, and the all-reduce
   average leaves it unchanged. It is off while step ≤ proximal_warmup_ratio · T.
 - BSO is ρ = 0.
@@ -46,6 +47,23 @@ class LisaArguments(TrainArguments):
 
 
 LisaConfig = LisaArguments  # the name design.md uses
+
+
+_PROX_CHUNK = 1 << 26  # elements of w − anchor materialised at once in _apply_proximal
+
+
+def _chunks(sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive index groups whose sizes sum to at most ``limit`` (a larger single item stands alone)."""
+    out, cur, n = [], [], 0
+    for i, size in enumerate(sizes):
+        if cur and n + size > limit:
+            out.append(cur)
+            cur, n = [], 0
+        cur.append(i)
+        n += size
+    if cur:
+        out.append(cur)
+    return out
 
 
 def _model_columns(ds):
@@ -154,10 +172,15 @@ class LisaTrainer(SFTTrainer):
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            grads = [p.grad for p in params]
             coef = self.args.rho * scale
-            torch._foreach_add_(grads, [p.detach() for p in params], alpha=coef)
-            torch._foreach_add_(grads, self._anchor, alpha=-coef)
+            # grad += coef·(w − anchor), with w − anchor formed first (one rounding, as autograd of the
+            # term would give). The two-pass form grad + coef·w − coef·anchor cancels small gradients
+            # in low precision (bf16: a 1e-3 gradient on a weight of 1.0 becomes 0). The difference is
+            # built in chunks of at most _PROX_CHUNK elements, so the transient memory stays bounded.
+            for idx in _chunks([p.numel() for p in params], _PROX_CHUNK):
+                diff = torch._foreach_sub([params[i].detach() for i in idx], [self._anchor[i] for i in idx])
+                torch._foreach_add_([params[i].grad for i in idx], diff, alpha=coef)
+                del diff
 
     def training_step(self, model, inputs, num_items_in_batch=None, **kwargs):
         step = self.state.global_step

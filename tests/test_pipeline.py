@@ -1,0 +1,125 @@
+"""The whole pipeline on a micro config (seconds): tiny base -> align -> SFT/BSO/Lisa -> evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from lisa_align.cli import main, preset_path
+from lisa_align.config import validate_config
+from lisa_align.pipeline import Pipeline
+
+MICRO = {
+    "name": "micro",
+    "seed": 0,
+    "model": {"name": "tiny", "tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
+                                       "pretrain_rows": 64, "epochs": 1, "batch_size": 16}},
+    "data": {"task": "sst2", "max_length": 128, "n": 24, "p": 0.25,
+             "user": {"source": "synthetic:sst2", "split": "train", "size": 100},
+             "harmful": {"source": "synthetic:beavertails", "split": "30k_train", "filter": "unsafe", "size": 100},
+             "alignment": [{"source": "synthetic:beavertails", "split": "30k_train", "filter": "safe", "n": 16,
+                            "size": 100}]},
+    "align": {"lora": None, "lr": 1e-3, "epochs": 1, "batch_size": 8, "loss_reduction": "example"},
+    "finetune": {"lora": None, "lr": 1e-3, "epochs": 2, "batch_size": 4, "loss_reduction": "example",
+                 "methods": ["sft", "bso", "lisa"], "lisa": {"k1": 2, "k2": 4, "rho": 1.0}},
+    "eval": {"judge": "refusal", "batch_size": 8, "max_new_tokens_harmful": 6, "max_new_tokens_task": 3,
+             "max_new_tokens_benign": 6, "models": ["base", "aligned", "methods"],
+             "harmful": {"source": "synthetic:beavertails", "split": "30k_test", "n": 6, "seed": 7},
+             "task": {"source": "synthetic:sst2", "split": "validation", "n": 6, "seed": 7},
+             "benign": {"source": "synthetic:alpaca", "split": "eval", "n": 4, "seed": 7}},
+}
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path, monkeypatch):
+    monkeypatch.setenv("LISA_ALIGN_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def micro(tmp_path, **changes) -> dict:
+    cfg = json.loads(json.dumps(MICRO))
+    cfg["output_dir"] = str(tmp_path / "runs")
+    for dotted, value in changes.items():
+        node = cfg
+        *path, last = dotted.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return cfg
+
+
+def test_micro_pipeline_end_to_end_and_reuse(tmp_path):
+    cfg = validate_config(micro(tmp_path))
+    summary = Pipeline(cfg, echo=lambda *_: None).run()
+    run = cfg.run_dir
+    assert set(summary) == {"base", "aligned", "sft", "bso", "lisa"}
+    for key, m in summary.items():
+        assert 0 <= m["hs"] <= 100 and 0 <= m["fa"] <= 100 and 0 <= m["over_refusal"] <= 100, key
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert yaml.safe_load((run / "config.yaml").read_text())["finetune"]["lisa"]["k1"] == 2
+    assert (run / "aligned" / "model.safetensors").exists()
+    for key in ("sft", "bso", "lisa"):
+        assert (run / "finetune" / key / "adapter" / "model.safetensors").exists()
+        for split, n in (("harmful", 6), ("task", 6), ("benign", 4)):
+            lines = (run / "eval" / key / "predictions" / f"{split}.jsonl").read_text().splitlines()
+            assert len(lines) == n
+    switches = json.loads((run / "finetune" / "lisa" / "lisa_switches.json").read_text())
+    # n=24, batch 4 -> 6 steps/epoch, 2 epochs -> T=12; K1=2, K2=4 -> switches at 2, 6, 8
+    assert [s["lisa/step"] for s in switches] == [2, 6, 8]
+    assert [s["lisa/state"] for s in switches] == ["finetune", "alignment", "finetune"]
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert {"align", "finetune/sft", "finetune/bso", "finetune/lisa"} <= {r.get("stage") for r in log}
+
+    # A re-run reuses every finished stage: nothing is rewritten.
+    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+    stamps |= {p: p.stat().st_mtime_ns for p in run.rglob("metrics.json")}
+    again = Pipeline(cfg, echo=lambda *_: None).run()
+    assert again == summary
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+
+
+def test_micro_pipeline_lora_adapters(tmp_path):
+    lora_align = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "up_proj"]}
+    lora_ft = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    cfg = validate_config(micro(tmp_path, **{"align.lora": lora_align, "finetune.lora": lora_ft,
+                                             "finetune.methods": ["lisa"], "eval.models": ["methods"]}))
+    Pipeline(cfg, echo=lambda *_: None).run()
+    run = cfg.run_dir
+    # the alignment LoRA is merged: a plain model without adapter weights
+    from safetensors import safe_open
+
+    with safe_open(run / "aligned" / "model.safetensors", "pt") as f:
+        assert not any("lora" in k for k in f.keys())
+    adapter = run / "finetune" / "lisa" / "adapter"
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("lora_A" in k or "lora_B" in k for k in keys)
+    assert (run / "eval" / "lisa" / "metrics.json").exists()
+
+
+def test_run_dir_with_different_config_is_refused(tmp_path, capsys):
+    path = tmp_path / "micro.yaml"
+    path.write_text(yaml.safe_dump(micro(tmp_path, **{"eval.models": ["base"]})))
+    assert main(["run", str(path)]) == 0
+    assert main(["run", str(path), "data.p=0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lisa: error:") and "\n" not in err and "data.p: 0.25 -> 0.5" in err and "--force" in err
+
+
+def test_demo_preset_is_valid_and_cli_prints_summary_path(tmp_path, capsys):
+    cfg = yaml.safe_load(preset_path("demo").read_text())
+    assert cfg["finetune"]["methods"] == ["sft", "bso", "lisa"]
+    path = tmp_path / "micro.yaml"
+    path.write_text(yaml.safe_dump(micro(tmp_path, **{"finetune.methods": ["sft"], "eval.models": ["methods"]})))
+    assert main(["run", str(path)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith("summary.json") and os.path.exists(last)
+    assert set(json.loads(open(last).read())["sft"]) == {"hs", "fa", "over_refusal"}
