@@ -391,19 +391,19 @@ def test_trainer_follows_schedule(tmp_path, model, k1, k2, n_user, batch, ga, ep
             assert len(set(align)) == len(align)
     # the switch log records every switch, with the state entered
     assert [r["lisa/step"] for r in trainer.switch_log] == trainer.schedule.switch_steps()
-    assert [r["lisa/state"] for r in trainer.switch_log] == [trainer.schedule.state(s) for s in trainer.schedule.switch_steps()]
+    switches = trainer.schedule.switch_steps()
+    assert [r["lisa/state"] for r in trainer.switch_log] == [trainer.schedule.state(s) for s in switches]
 
 
 def test_total_steps_equal_sft(tmp_path, model):
     """Lisa's budget is SFT's: same optimizer steps for the same user set, batch, accumulation and epochs."""
     for n_user, batch, ga, epochs in ((10, 3, 2, 3), (7, 2, 1, 2)):
-        sft = SFTTrainer(model=copy.deepcopy(model), train_dataset=make_rows(n_user, USER_LO), data_collator=pad_collate,
-                         args=sft_args(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
-                                       num_train_epochs=epochs, learning_rate=1e-4))
+        shape = dict(per_device_train_batch_size=batch, gradient_accumulation_steps=ga, num_train_epochs=epochs,
+                     learning_rate=1e-4)
+        sft = SFTTrainer(model=copy.deepcopy(model), train_dataset=make_rows(n_user, USER_LO),
+                         data_collator=pad_collate, args=sft_args(tmp_path, **shape))
         sft.train()
-        lisa = lisa_trainer(copy.deepcopy(model), lisa_args(tmp_path, per_device_train_batch_size=batch, learning_rate=1e-4,
-                                                            gradient_accumulation_steps=ga, num_train_epochs=epochs),
-                            n_user=n_user)
+        lisa = lisa_trainer(copy.deepcopy(model), lisa_args(tmp_path, **shape), n_user=n_user)
         lisa.train()
         assert lisa.state.global_step == sft.state.global_step == epochs * math.ceil(math.ceil(n_user / batch) / ga)
         assert lisa.state.max_steps == sft.state.max_steps
@@ -628,8 +628,10 @@ def test_gradient_accumulation_equivalence_lisa(tmp_path, base_model):
     assert max_diff(w_acc, w_big) < 1e-5
     assert max_diff(acc.anchor, big.anchor) < 1e-5
     # the comparison is sensitive: the proximal term matters here, and counting it per micro-batch shows
-    assert max_diff(w_acc, trainable(_lisa_ga_run(base_model, tmp_path, ga=1, batch=4, rho=0.0).model)) > 1e-3
-    assert max_diff(w_acc, trainable(_lisa_ga_run(base_model, tmp_path, ga=2, batch=2, cls=ProxEveryMicroBatch).model)) > 1e-3
+    bso = _lisa_ga_run(base_model, tmp_path, ga=1, batch=4, rho=0.0)
+    assert max_diff(w_acc, trainable(bso.model)) > 1e-3
+    twice = _lisa_ga_run(base_model, tmp_path, ga=2, batch=2, cls=ProxEveryMicroBatch)
+    assert max_diff(w_acc, trainable(twice.model)) > 1e-3
 
 
 def test_gradient_accumulation_equivalence_sft(tmp_path, base_model):
