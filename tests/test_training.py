@@ -179,12 +179,16 @@ def test_schedule_exact_sequence_k1_2_k2_3():
     (3, 1, 6, "AAAFAF"),         # tail r=2: round(1.5)=2 capped at 1
     (1, 3, 7, "AFFFAFF"),        # tail r=3: round(0.75)=1 -> A F F
     (2, 2, 3, "AAF"),            # no full cycle: r=3, round(1.5)=2 (cap r-1=2) -> A A F
+    (1, 5, 2, "AF"),             # no full cycle: round(1/3)=0, but a run starts aligned -> A F
+    (1, 9, 4, "AFFF"),           # no full cycle: round(0.4)=0 -> at least one alignment step
 ])
 def test_schedule_final_partial_cycle(k1, k2, T, expected):
     s = BiStateSchedule(k1, k2, T)
     r = T % (k1 + k2)
     full = T - r
     tail_a = min(math.floor(r * k1 / (k1 + k2) + 0.5), max(r - 1, 0))
+    if full == 0 and r >= 2:
+        tail_a = max(tail_a, 1)
     want = ["A" if (t % (k1 + k2) < k1 if t < full else t - full < tail_a) else "F" for t in range(T)]
     got = "".join("A" if x == A else "F" for x in s.states)
     assert got == "".join(want) == expected
@@ -210,9 +214,12 @@ def test_schedule_always_ends_on_finetune_and_keeps_ratio(k1, k2):
         assert len(s.states) == T
         n_align = s.count_before(A, T)
         cycles, r = divmod(T, k1 + k2)
-        assert n_align == cycles * k1 + min(math.floor(r * k1 / (k1 + k2) + 0.5), max(r - 1, 0))
-        # starts in the alignment state (unless a short run's split gives it no alignment step at all)
-        assert s.states[0] == (A if n_align else F)
+        tail_a = min(math.floor(r * k1 / (k1 + k2) + 0.5), max(r - 1, 0))
+        if cycles == 0 and r >= 2:
+            tail_a = max(tail_a, 1)
+        assert n_align == cycles * k1 + tail_a
+        # starts in the alignment state (a 1-step run is a single fine-tuning step)
+        assert s.states[0] == (A if T >= 2 else F)
         if T >= k1 + k2:
             assert s.states[0] == A
         # phases alternate with lengths K1, K2 inside full cycles

@@ -3,8 +3,10 @@
 Steps are 0-based optimizer-step indices (``trainer.state.global_step`` before the update).
 Training starts in the alignment state and alternates K1 alignment steps with K2 fine-tuning
 steps. The total budget T is SFT's. The final partial cycle of r = T mod (K1+K2) steps is split in
-the same ratio, round(r·K1/(K1+K2)) alignment steps then the rest fine-tuning, so every run with
-K2 > 0 ends on a fine-tuning phase (a run that ends on an alignment phase flatters HS).
+the same ratio, round(r·K1/(K1+K2)) alignment steps (capped at r − 1) then the rest fine-tuning, so every run
+with K2 > 0 ends on a fine-tuning phase (a run that ends on an alignment phase flatters HS). A
+run shorter than one cycle (T < K1+K2, T ≥ 2, K1 > 0) still starts with at least one alignment
+step.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class BiStateSchedule:
             self._tail_align = tail
         else:
             self._tail_align = min(int(math.floor(tail * k1 / cycle + 0.5)), max(tail - 1, 0))
+            if self._full_end == 0 and k1 > 0 and tail >= 2:
+                self._tail_align = max(self._tail_align, 1)  # a run shorter than one cycle still starts aligned
 
     def state(self, step: int) -> str:
         if not 0 <= step < self.total_steps:
