@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-import torch
 import yaml
 
 from lisa_align.cli import main, preset_path
@@ -37,10 +36,6 @@ MICRO = {
 @pytest.fixture(autouse=True)
 def _env(tmp_path, monkeypatch):
     monkeypatch.setenv("LISA_ALIGN_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def micro(tmp_path, **changes) -> dict:

@@ -107,7 +107,8 @@ class LisaTrainer(SFTTrainer):
         user = _model_columns(self.train_dataset)
         parts = [user]
         if self.alignment_dataset is not None and len(self.alignment_dataset):
-            parts.append(_model_columns(self.alignment_dataset).cast(user.features))
+            align = _model_columns(self.alignment_dataset)
+            parts.append(align if align.features == user.features else align.cast(user.features))
         data = datasets.concatenate_datasets(parts) if len(parts) > 1 else user
         n_user = len(user)
         n_align = len(data) - n_user
