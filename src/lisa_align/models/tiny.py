@@ -105,15 +105,17 @@ def build_tiny_base(settings: TinySettings | None = None, *, seed: int = 0, cach
     stage = StageSettings(lr=settings.lr, epochs=settings.epochs, batch_size=settings.batch_size, weight_decay=0.0,
                           scheduler="cosine", warmup_ratio=0.05, lora=None, loss_reduction="example",
                           logging_steps=50)
-    work = root / f".{out.name}.work"
+    work = root / f".{out.name}.{os.getpid()}.work"  # private to this process: concurrent builds never collide
     model, _ = train_stage(model, tokenizer, pretraining_rows(settings.pretrain_rows, seed), stage, work / "trainer",
                            seed=seed, max_length=settings.max_position_embeddings, use_cpu=use_cpu,
                            save_checkpoints=False)
     model.save_pretrained(work / "model", safe_serialization=True)
     tokenizer.save_pretrained(work / "model")
     root.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(work / "model", out)
+    try:
+        os.replace(work / "model", out)  # atomic; a finished build by another process wins
+    except OSError:
+        if not (out / "config.json").exists():
+            raise
     shutil.rmtree(work, ignore_errors=True)
     return out
