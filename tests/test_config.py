@@ -200,7 +200,7 @@ def test_demo_preset_validates():
     assert (cfg.data.n, cfg.data.p) == (1000, 0.1)
     assert cfg.data.user.source == "synthetic:sst2"
     assert [m.name for m in cfg.finetune.methods] == ["sft", "bso", "lisa"]
-    assert (cfg.finetune.lisa.k1, cfg.finetune.lisa.k2, cfg.finetune.lisa.rho) == (10, 90, 10.0)
+    assert (cfg.finetune.lisa.k1, cfg.finetune.lisa.k2, cfg.finetune.lisa.rho) == (2, 18, 1.0)
     assert cfg.eval.judge == "refusal"
     assert cfg.align.lora is None and cfg.finetune.lora is None
     for spec in (cfg.eval.harmful, cfg.eval.task, cfg.eval.benign):

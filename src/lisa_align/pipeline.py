@@ -145,9 +145,10 @@ class Pipeline:
         from lisa_align.models.lora import merge
         from lisa_align.training.run import train_stage
 
+        base = self.base_path()  # timed on its own when the tiny base is built
         t0 = time.time()
         self.echo(f"[lisa] align: {len(self.data.alignment)} rows x {self.cfg.align.epochs} epochs")
-        model, tok = self._load(self.base_path())
+        model, tok = self._load(base)
         model, _ = train_stage(model, tok, self.data.alignment, self.cfg.align, self.run_dir / "align_trainer",
                                seed=self.cfg.seed, max_length=self.cfg.data.max_length, use_cpu=_use_cpu(self.cfg),
                                log_path=self.log_path, log_tag="align")
