@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import json
 import pytest
 import yaml
 
@@ -222,3 +223,29 @@ def test_repo_configs_validate(path):
 
 def test_configs_demo_matches_preset():
     assert load_config(ROOT / "configs" / "demo.yaml") == load_config(preset_path("demo"))
+
+
+@pytest.mark.parametrize("method, fragment", [
+    ({"name": "lisa", "alignment_rows": 5}, "alignment_rows applies to vlguard only"),
+    ({"name": "vlguard", "rho": 1.0}, "k1/k2/rho apply to lisa and bso only"),
+    ({"name": "na_sft", "k1": 3}, "k1/k2/rho apply to lisa and bso only"),
+    ({"name": "vlguard", "alignment_rows": 0}, "alignment_rows"),
+])
+def test_method_options_belong_to_their_method(method, fragment):
+    from lisa_align.config import load_config
+    from lisa_align.errors import LisaError
+
+    with pytest.raises(LisaError) as e:
+        load_config(None, ["finetune.methods=" + json.dumps([method])])
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_new_methods_resolve():
+    from lisa_align.config import load_config
+
+    cfg = load_config(None, ['finetune.methods=[na_sft, {name: vlguard, alignment_rows: 500}, bso]'])
+    na, vl, bso = cfg.finetune.methods
+    assert na.starts_from_base and not vl.starts_from_base
+    assert na.lisa(cfg.finetune.lisa) is None and vl.lisa(cfg.finetune.lisa) is None
+    assert vl.alignment_rows == 500
+    assert bso.lisa(cfg.finetune.lisa).rho == 0.0

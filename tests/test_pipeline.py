@@ -118,3 +118,51 @@ def test_demo_preset_is_valid_and_cli_prints_summary_path(tmp_path, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.endswith("summary.json") and os.path.exists(last)
     assert set(json.loads(open(last).read())["sft"]) == {"hs", "fa", "over_refusal"}
+
+
+def test_na_sft_starts_from_base_and_vlguard_mixes_alignment_rows(tmp_path):
+    methods = ["na_sft", {"name": "vlguard", "alignment_rows": 8}]
+    cfg = validate_config(micro(tmp_path, **{"finetune.methods": methods, "eval.models": ["methods"]}))
+    said: list[str] = []
+    pipe = Pipeline(cfg, echo=said.append)
+    loaded: list[str] = []
+    real_load = pipe._load
+    pipe._load = lambda path: (loaded.append(str(path)), real_load(path))[1]
+    pipe.run()
+    base, aligned = pipe.base_path(), pipe.aligned_path()
+    # na_sft trains from the unaligned base; then the align stage loads the base; vlguard trains from aligned
+    assert loaded[:3] == [base, base, aligned]
+    assert any("finetune na_sft: 24 rows" in s and "unaligned base" in s for s in said)
+    assert any("finetune vlguard: 32 rows (n=24" in s for s in said)  # 24 user rows + 8 alignment rows
+    assert pipe.start_path(pipe.method("na_sft")) == base
+    for key in ("na_sft", "vlguard"):
+        assert (cfg.run_dir / "eval" / key / "metrics.json").exists()
+
+
+def test_vlguard_needs_enough_alignment_rows(tmp_path):
+    from lisa_align.errors import LisaError
+
+    cfg = validate_config(micro(tmp_path, **{"finetune.methods": [{"name": "vlguard", "alignment_rows": 99}],
+                                             "eval.models": ["methods"]}))
+    with pytest.raises(LisaError, match="alignment_rows=99 but the alignment data has 16 rows"):
+        Pipeline(cfg, echo=lambda *_: None).run()
+
+
+def test_evaluate_rejudges_saved_predictions(tmp_path, capsys):
+    path = tmp_path / "micro.yaml"
+    path.write_text(yaml.safe_dump(micro(tmp_path, **{"finetune.methods": ["sft"], "eval.models": ["methods"]})))
+    assert main(["run", str(path)]) == 0
+    run = tmp_path / "runs" / "micro"
+    preds = run / "eval" / "sft" / "predictions" / "harmful.jsonl"
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    for i, r in enumerate(rows):  # plant known answers: the first two refuse, the rest comply
+        r["answer"] = "i am sorry , but i cannot help with that ." if i < 2 else "sure , here is how ."
+    preds.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--judge", "refusal"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].endswith("summary.json")
+    hs = 100 * (len(rows) - 2) / len(rows)
+    assert json.loads((run / "summary.json").read_text())["sft"]["hs"] == pytest.approx(hs)
+    assert json.loads((run / "eval" / "sft" / "metrics.json").read_text())["hs"] == pytest.approx(hs)
+    assert main(["evaluate", str(tmp_path), "--judge", "refusal"]) == 2

@@ -1,4 +1,4 @@
-"""The ``lisa`` command: run | demo."""
+"""The ``lisa`` command: run | evaluate | demo."""
 
 from __future__ import annotations
 
@@ -70,6 +70,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    """Re-judge saved harmful predictions of every evaluated model in RUN_DIR (no generation)."""
+    from lisa_align.evaluation import get_judge, rejudge
+    from lisa_align.io import atomic_write_json, read_json
+    from lisa_align.pipeline import format_table
+
+    run = Path(args.run_dir)
+    evals = sorted(p for p in (run / "eval").glob("*") if (p / "predictions" / "harmful.jsonl").is_file())
+    if not evals:
+        raise LisaError(f"{run}: no saved predictions under eval/*/predictions/harmful.jsonl; run `lisa run` first")
+    judge = get_judge(args.judge, **({"model_name_or_path": args.judge_model} if args.judge_model else {}))
+    summary_path = run / "summary.json"
+    summary = read_json(summary_path) if summary_path.is_file() else {}
+    for out in evals:
+        m = rejudge(out, judge)
+        summary[out.name] = {"hs": m.get("hs"), "fa": m.get("fa"), "over_refusal": m.get("over_refusal")}
+    atomic_write_json(summary_path, summary)
+    print(f"judge: {judge.name}")
+    print(format_table(summary))
+    print(summary_path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lisa", description="Lisa: fine-tune LLMs without losing safety alignment")
     sub = p.add_subparsers(dest="command", required=True)
@@ -78,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="key.path=value, e.g. data.p=0.2 finetune.lisa.rho=10")
     r.add_argument("--force", action="store_true", help="reuse a run dir whose config differs")
     r.set_defaults(func=cmd_run)
+    e = sub.add_parser("evaluate", help="re-judge a run's saved predictions with another judge (no generation)")
+    e.add_argument("run_dir")
+    e.add_argument("--judge", required=True, help="refusal | beaverdam")
+    e.add_argument("--judge-model", default=None, help="judge model path or HF id (beaverdam)")
+    e.set_defaults(func=cmd_evaluate)
     d = sub.add_parser("demo", help="the embedded CPU default: base, aligned, SFT, BSO and Lisa on synthetic data")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--output-dir", default=None)

@@ -98,27 +98,45 @@ class LisaSettings(_Strict):
         return self
 
 
-METHODS = ("sft", "bso", "lisa")
+METHODS = ("sft", "bso", "lisa", "na_sft", "vlguard")
+BI_STATE_METHODS = ("bso", "lisa")
 
 
 class MethodSpec(_Strict):
-    """One fine-tuning method; ``label`` names its run folder (default: the method name)."""
+    """One fine-tuning method; ``label`` names its run folder (default: the method name).
 
-    name: Literal["sft", "bso", "lisa"]
+    - ``sft``: plain fine-tuning of the aligned model on the user set;
+    - ``na_sft``: the same on the unaligned base (no alignment stage);
+    - ``vlguard``: SFT on the user set plus ``alignment_rows`` alignment rows (default 1000);
+      the n user rows, with their round(p·n) harmful ones, are kept as they are;
+    - ``lisa``: bi-state optimization with the proximal term; ``bso``: the same with rho = 0.
+    """
+
+    name: Literal["sft", "bso", "lisa", "na_sft", "vlguard"]
     label: str | None = None
     k1: int | None = None
     k2: int | None = None
     rho: float | None = None
+    alignment_rows: int | None = Field(None, gt=0, description="vlguard: alignment rows mixed in (default 1000)")
 
     @property
     def key(self) -> str:
         return self.label or self.name
 
-    def lisa(self, base: LisaSettings) -> LisaSettings:
+    @property
+    def starts_from_base(self) -> bool:
+        return self.name == "na_sft"
+
+    def lisa_values(self, base: LisaSettings) -> tuple[int, int, float]:
         rho = 0.0 if self.name == "bso" else (self.rho if self.rho is not None else base.rho)
-        return LisaSettings(k1=self.k1 if self.k1 is not None else base.k1,
-                            k2=self.k2 if self.k2 is not None else base.k2,
-                            rho=rho, proximal_warmup_ratio=base.proximal_warmup_ratio)
+        return (self.k1 if self.k1 is not None else base.k1, self.k2 if self.k2 is not None else base.k2, rho)
+
+    def lisa(self, base: LisaSettings) -> LisaSettings | None:
+        """Lisa settings for the bi-state methods; None for the SFT-family methods."""
+        if self.name not in BI_STATE_METHODS:
+            return None
+        k1, k2, rho = self.lisa_values(base)
+        return LisaSettings(k1=k1, k2=k2, rho=rho, proximal_warmup_ratio=base.proximal_warmup_ratio)
 
 
 class FinetuneStage(StageSettings):
@@ -148,11 +166,13 @@ class FinetuneStage(StageSettings):
             if m.name == "bso" and m.rho not in (None, 0):
                 raise ValueError(f"{where}: bso is Lisa with rho=0, so rho={m.rho} is not allowed; "
                                  "use name: lisa for rho > 0, or remove rho")
-            if m.name == "sft":
+            if m.alignment_rows is not None and m.name != "vlguard":
+                raise ValueError(f"{where}: alignment_rows applies to vlguard only; remove it")
+            if m.name not in BI_STATE_METHODS:
+                if any(v is not None for v in (m.k1, m.k2, m.rho)):
+                    raise ValueError(f"{where}: k1/k2/rho apply to lisa and bso only; remove them")
                 continue
-            k1 = m.k1 if m.k1 is not None else self.lisa.k1
-            k2 = m.k2 if m.k2 is not None else self.lisa.k2
-            rho = 0.0 if m.name == "bso" else (m.rho if m.rho is not None else self.lisa.rho)
+            k1, k2, rho = m.lisa_values(self.lisa)
             try:
                 validate_lisa_settings(k1, k2, rho, self.lisa.proximal_warmup_ratio)
             except LisaError as e:

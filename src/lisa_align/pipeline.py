@@ -165,13 +165,21 @@ class Pipeline:
             return out
         from lisa_align.training.run import train_stage
 
+        start = self.start_path(method)
         t0 = time.time()
-        aligned = self.aligned_path()
-        model, tok = self._load(aligned)
-        lisa = None if method.name == "sft" else method.lisa(self.cfg.finetune.lisa)
-        self.echo(f"[lisa] finetune {method.key}: n={len(self.data.user)}, p={self.cfg.data.p}"
-                  + (f", K1/K2={lisa.k1}/{lisa.k2}, rho={lisa.rho}" if lisa else ""))
-        model, trainer = train_stage(model, tok, self.data.user, self.cfg.finetune, root / "trainer",
+        model, tok = self._load(start)
+        lisa = method.lisa(self.cfg.finetune.lisa)
+        rows = self.data.user
+        if method.name == "vlguard":
+            m = method.alignment_rows or 1000
+            if m > len(self.data.alignment):
+                raise LisaError(f"method '{method.key}': alignment_rows={m} but the alignment data has "
+                                f"{len(self.data.alignment)} rows; lower alignment_rows or add alignment data")
+            rows = rows + [dict(r, harmful=False) for r in self.data.alignment[:m]]
+        self.echo(f"[lisa] finetune {method.key}: {len(rows)} rows (n={len(self.data.user)}, p={self.cfg.data.p})"
+                  + (f", K1/K2={lisa.k1}/{lisa.k2}, rho={lisa.rho}" if lisa else "")
+                  + (" from the unaligned base" if method.starts_from_base else ""))
+        model, trainer = train_stage(model, tok, rows, self.cfg.finetune, root / "trainer",
                                      seed=self.cfg.seed, max_length=self.cfg.data.max_length, lisa=lisa,
                                      alignment_rows=self.data.alignment if lisa else None,
                                      use_cpu=_use_cpu(self.cfg), log_path=self.log_path,
@@ -182,6 +190,16 @@ class Pipeline:
         self._timed(f"finetune {method.key}", t0)
         return out
 
+    def start_path(self, method: MethodSpec) -> str:
+        """The model a method fine-tunes: the unaligned base for NA-SFT, else the aligned model."""
+        return self.base_path() if method.starts_from_base else self.aligned_path()
+
+    def method(self, key: str) -> MethodSpec:
+        for m in self.cfg.finetune.methods:
+            if m.key == key:
+                return m
+        raise LisaError(f"no method '{key}' in finetune.methods")
+
     def load_for_eval(self, key: str):
         from lisa_align.models.lora import load_adapter
 
@@ -191,7 +209,7 @@ class Pipeline:
             return self._load(self.aligned_path())
         adapter = self.run_dir / "finetune" / key / "adapter"
         if (adapter / "adapter_config.json").exists():
-            model, tok = self._load(self.aligned_path())
+            model, tok = self._load(self.start_path(self.method(key)))
             return load_adapter(model, str(adapter)).merge_and_unload(), tok
         return self._load(str(adapter))
 
