@@ -139,6 +139,14 @@ def test_na_sft_starts_from_base_and_vlguard_mixes_alignment_rows(tmp_path):
         assert (cfg.run_dir / "eval" / key / "metrics.json").exists()
 
 
+def test_ewc_runs_in_the_pipeline(tmp_path):
+    cfg = validate_config(micro(tmp_path, **{"finetune.methods": [{"name": "ewc", "ewc_lambda": 0.5}],
+                                             "eval.models": ["methods"]}))
+    summary = Pipeline(cfg, echo=lambda *_: None).run()
+    assert set(summary) == {"ewc"}
+    assert (cfg.run_dir / "finetune" / "ewc" / "adapter" / "model.safetensors").exists()
+
+
 def test_vlguard_needs_enough_alignment_rows(tmp_path):
     from lisa_align.errors import LisaError
 

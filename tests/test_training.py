@@ -537,19 +537,19 @@ def test_proximal_gradient_rounded_once(trained_lisa, dtype):
 
 def test_proximal_gradient_chunked(trained_lisa, monkeypatch):
     """The term is formed in bounded chunks: tiny chunks give the same gradient as one chunk."""
-    import lisa_align.training.lisa as lisa_mod
+    import lisa_align.training.penalty as penalty
 
     trainer = trained_lisa(rho=0.7)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     g0 = [torch.randn_like(p) for p in params]
     results = []
     for chunk in (1 << 26, 1000, 1):
-        monkeypatch.setattr(lisa_mod, "_PROX_CHUNK", chunk)
+        monkeypatch.setattr(penalty, "CHUNK", chunk)
         for p, x in zip(params, g0):
             p.grad = x.clone()
         trainer._apply_proximal(11)
         results.append([p.grad.clone() for p in params])
-    assert lisa_mod._chunks([5, 5, 3, 20, 1], 10) == [[0, 1], [2], [3], [4]]
+    assert penalty.chunks([5, 5, 3, 20, 1], 10) == [[0, 1], [2], [3], [4]]
     for r in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], r))
 

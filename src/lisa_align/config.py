@@ -98,7 +98,7 @@ class LisaSettings(_Strict):
         return self
 
 
-METHODS = ("sft", "bso", "lisa", "na_sft", "vlguard")
+METHODS = ("sft", "bso", "lisa", "na_sft", "vlguard", "ewc")
 BI_STATE_METHODS = ("bso", "lisa")
 
 
@@ -109,15 +109,18 @@ class MethodSpec(_Strict):
     - ``na_sft``: the same on the unaligned base (no alignment stage);
     - ``vlguard``: SFT on the user set plus ``alignment_rows`` alignment rows (default 1000);
       the n user rows, with their round(p·n) harmful ones, are kept as they are;
+    - ``ewc``: SFT plus a Fisher-weighted L2 pull toward the start weights, ``ewc_lambda``
+      (default 0.001), the Fisher measured on the alignment data;
     - ``lisa``: bi-state optimization with the proximal term; ``bso``: the same with rho = 0.
     """
 
-    name: Literal["sft", "bso", "lisa", "na_sft", "vlguard"]
+    name: Literal["sft", "bso", "lisa", "na_sft", "vlguard", "ewc"]
     label: str | None = None
     k1: int | None = None
     k2: int | None = None
     rho: float | None = None
     alignment_rows: int | None = Field(None, gt=0, description="vlguard: alignment rows mixed in (default 1000)")
+    ewc_lambda: float | None = Field(None, ge=0, allow_inf_nan=False, description="ewc: strength (default 0.001)")
 
     @property
     def key(self) -> str:
@@ -168,6 +171,8 @@ class FinetuneStage(StageSettings):
                                  "use name: lisa for rho > 0, or remove rho")
             if m.alignment_rows is not None and m.name != "vlguard":
                 raise ValueError(f"{where}: alignment_rows applies to vlguard only; remove it")
+            if m.ewc_lambda is not None and m.name != "ewc":
+                raise ValueError(f"{where}: ewc_lambda applies to ewc only; remove it")
             if m.name not in BI_STATE_METHODS:
                 if any(v is not None for v in (m.k1, m.k2, m.rho)):
                     raise ValueError(f"{where}: k1/k2/rho apply to lisa and bso only; remove them")

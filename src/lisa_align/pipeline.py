@@ -181,7 +181,9 @@ class Pipeline:
                   + (" from the unaligned base" if method.starts_from_base else ""))
         model, trainer = train_stage(model, tok, rows, self.cfg.finetune, root / "trainer",
                                      seed=self.cfg.seed, max_length=self.cfg.data.max_length, lisa=lisa,
-                                     alignment_rows=self.data.alignment if lisa else None,
+                                     ewc_lambda=(method.ewc_lambda if method.ewc_lambda is not None else 0.001)
+                                     if method.name == "ewc" else None,
+                                     alignment_rows=self.data.alignment if lisa or method.name == "ewc" else None,
                                      use_cpu=_use_cpu(self.cfg), log_path=self.log_path,
                                      log_tag=f"finetune/{method.key}")
         if lisa is not None:

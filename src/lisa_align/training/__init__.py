@@ -1,8 +1,9 @@
 """Trainers: SFT (plain Trainer + loss reduction) and Lisa / BSO (bi-state with a proximal term)."""
 
+from lisa_align.training.ewc import EWCArguments, EWCTrainer
 from lisa_align.training.lisa import LisaArguments, LisaConfig, LisaTrainer
 from lisa_align.training.schedule import ALIGNMENT, FINETUNE, BiStateSchedule
 from lisa_align.training.sft import SFTTrainer, TrainArguments, per_example_loss
 
-__all__ = ["ALIGNMENT", "FINETUNE", "BiStateSchedule", "LisaArguments", "LisaConfig", "LisaTrainer",
+__all__ = ["ALIGNMENT", "EWCArguments", "EWCTrainer", "FINETUNE", "BiStateSchedule", "LisaArguments", "LisaConfig", "LisaTrainer",
            "SFTTrainer", "TrainArguments", "per_example_loss"]

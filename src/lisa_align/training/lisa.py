@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lisa_align.errors import LisaError
+from lisa_align.training.penalty import add_pull_gradient, grad_scale
 from lisa_align.training.sampler import BiStateBatchSampler, steps_per_epoch
 from lisa_align.training.schedule import ALIGNMENT, BiStateSchedule, validate_lisa_settings
 from lisa_align.training.sft import SFTTrainer, TrainArguments
@@ -47,23 +48,6 @@ class LisaArguments(TrainArguments):
 
 
 LisaConfig = LisaArguments  # the name design.md uses
-
-
-_PROX_CHUNK = 1 << 26  # elements of w − anchor materialised at once in _apply_proximal
-
-
-def _chunks(sizes: list[int], limit: int) -> list[list[int]]:
-    """Consecutive index groups whose sizes sum to at most ``limit`` (a larger single item stands alone)."""
-    out, cur, n = [], [], 0
-    for i, size in enumerate(sizes):
-        if cur and n + size > limit:
-            out.append(cur)
-            cur, n = [], 0
-        cur.append(i)
-        n += size
-    if cur:
-        out.append(cur)
-    return out
 
 
 def _model_columns(ds):
@@ -164,24 +148,7 @@ class LisaTrainer(SFTTrainer):
     def _apply_proximal(self, step: int) -> None:
         if not self.proximal_active(step):
             return
-        params = self._trainable()
-        scale = 1.0
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            scale = float(scaler.get_scale())
-        with torch.no_grad():
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            coef = self.args.rho * scale
-            # grad += coef·(w − anchor), with w − anchor formed first (one rounding, as autograd of the
-            # term would give). The two-pass form grad + coef·w − coef·anchor cancels small gradients
-            # in low precision (bf16: a 1e-3 gradient on a weight of 1.0 becomes 0). The difference is
-            # built in chunks of at most _PROX_CHUNK elements, so the transient memory stays bounded.
-            for idx in _chunks([p.numel() for p in params], _PROX_CHUNK):
-                diff = torch._foreach_sub([params[i].detach() for i in idx], [self._anchor[i] for i in idx])
-                torch._foreach_add_([params[i].grad for i in idx], diff, alpha=coef)
-                del diff
+        add_pull_gradient(self._trainable(), self._anchor, self.args.rho * grad_scale(self.accelerator))
 
     def training_step(self, model, inputs, num_items_in_batch=None, **kwargs):
         step = self.state.global_step

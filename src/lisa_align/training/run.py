@@ -12,6 +12,7 @@ from lisa_align.config import LisaSettings, StageSettings
 from lisa_align.data.templates import IGNORE_INDEX, tokenize_rows
 from lisa_align.models.lora import attach_lora
 from lisa_align.training.callbacks import JsonlLogCallback
+from lisa_align.training.ewc import EWCArguments, EWCTrainer
 from lisa_align.training.lisa import LisaArguments, LisaTrainer
 from lisa_align.training.sft import SFTTrainer, TrainArguments
 
@@ -19,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def training_arguments(stage: StageSettings, output_dir: str | Path, *, seed: int, use_cpu: bool = False,
-                       lisa: LisaSettings | None = None, save: bool = True) -> TrainArguments:
+                       lisa: LisaSettings | None = None, ewc_lambda: float | None = None,
+                       save: bool = True) -> TrainArguments:
     common = dict(
         output_dir=str(output_dir), learning_rate=stage.lr, num_train_epochs=stage.epochs, max_steps=stage.max_steps,
         per_device_train_batch_size=stage.batch_size, gradient_accumulation_steps=stage.grad_accum,
@@ -30,6 +32,8 @@ def training_arguments(stage: StageSettings, output_dir: str | Path, *, seed: in
         save_only_model=False, use_cpu=use_cpu, disable_tqdm=True, remove_unused_columns=False,
         dataloader_num_workers=0, ddp_find_unused_parameters=False,
     )
+    if ewc_lambda is not None:
+        return EWCArguments(**common, ewc_lambda=ewc_lambda)
     if lisa is None:
         return TrainArguments(**common)
     return LisaArguments(**common, k1=lisa.k1, k2=lisa.k2, rho=lisa.rho,
@@ -37,23 +41,27 @@ def training_arguments(stage: StageSettings, output_dir: str | Path, *, seed: in
 
 
 def train_stage(model, tokenizer, rows: list[dict], stage: StageSettings, output_dir: str | Path, *,
-                seed: int, max_length: int, lisa: LisaSettings | None = None,
+                seed: int, max_length: int, lisa: LisaSettings | None = None, ewc_lambda: float | None = None,
                 alignment_rows: list[dict] | None = None, use_cpu: bool = False, log_path: str | Path | None = None, log_tag: str = "train",
                 resume: bool = True, save_checkpoints: bool = True):
-    """Train ``model`` on ``rows`` (and, for Lisa/BSO, ``alignment_rows``); returns the trained model
+    """Train ``model`` on ``rows`` (and, for Lisa/BSO, ``alignment_rows``; for EWC they give the
+    Fisher); returns the trained model
     (a PEFT model when ``stage.lora`` is set). Checkpoints go to ``output_dir`` and a run resumes
     from the newest one."""
     from transformers.trainer_utils import get_last_checkpoint
 
     if stage.lora is not None:
         model = attach_lora(model, stage.lora)
-    args = training_arguments(stage, output_dir, seed=seed, use_cpu=use_cpu, lisa=lisa, save=save_checkpoints)
+    args = training_arguments(stage, output_dir, seed=seed, use_cpu=use_cpu, lisa=lisa, ewc_lambda=ewc_lambda,
+                              save=save_checkpoints)
     train_ds = tokenize_rows(rows, tokenizer, max_length)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     callbacks = [JsonlLogCallback(log_path, stage=log_tag)] if log_path else []
     kwargs = dict(model=model, args=args, train_dataset=train_ds, data_collator=collator,
                   processing_class=tokenizer, callbacks=callbacks)
-    if lisa is None:
+    if ewc_lambda is not None:
+        trainer = EWCTrainer(**kwargs, fisher_dataset=tokenize_rows(alignment_rows or [], tokenizer, max_length))
+    elif lisa is None:
         trainer = SFTTrainer(**kwargs)
     else:
         align_ds = tokenize_rows(alignment_rows or [], tokenizer, max_length) if alignment_rows else None

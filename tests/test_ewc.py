@@ -1,0 +1,101 @@
+"""EWC: the diagonal Fisher of the alignment data and the pull 2λF(w − w0)."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lisa_align.errors import LisaError
+from lisa_align.training import EWCArguments, EWCTrainer, SFTTrainer, TrainArguments
+from lisa_align.training.sft import per_example_loss
+
+VOCAB = 40
+
+
+def _model(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0)
+    return LlamaForCausalLM(cfg)
+
+
+def _data(n: int, lo: int, seed: int) -> datasets.Dataset:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(lo, lo + 10, (n, 6), generator=g).tolist()
+    labels = [[-100, -100] + row[2:] for row in ids]
+    return datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 6] * n, "labels": labels})
+
+
+def _collate(rows):
+    return {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")}
+
+
+def _args(tmp_path, cls=EWCArguments, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, num_train_epochs=1,
+                use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, loss_reduction="example",
+                lr_scheduler_type="constant", seed=0, optim="sgd", max_grad_norm=0.0)
+    return cls(**(base | kw))
+
+
+def _trainer(tmp_path, **kw):
+    return EWCTrainer(model=_model(), args=_args(tmp_path, **kw), train_dataset=_data(8, 10, 1),
+                      fisher_dataset=_data(8, 25, 2), data_collator=_collate)
+
+
+def test_fisher_is_mean_of_squared_batch_gradients(tmp_path):
+    trainer = _trainer(tmp_path)
+    fisher = trainer.compute_fisher()
+    model = trainer.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.grad is None for p in params)  # nothing left behind for the first real step
+    want = [torch.zeros_like(p) for p in params]
+    align = _data(8, 25, 2)
+    for start in (0, 4):
+        batch = _collate([align[i] for i in range(start, start + 4)])
+        model.zero_grad()
+        labels = batch.pop("labels")
+        per_example_loss(model(**batch).logits, labels).mean().backward()
+        for w, p in zip(want, params):
+            w += p.grad ** 2
+    for f, w in zip(fisher, want):
+        torch.testing.assert_close(f, w / 2, rtol=1e-5, atol=1e-10)
+
+
+def test_pull_gradient_equals_autograd(tmp_path):
+    trainer = _trainer(tmp_path, ewc_lambda=0.37)
+    params = trainer._trainable()
+    torch.manual_seed(3)
+    trainer.reference = [p.detach() + 0.1 * torch.randn_like(p) for p in params]
+    trainer.fisher = [torch.rand_like(p) for p in params]
+    for p in params:
+        p.grad = None
+    trainer._apply_pull()
+    penalty = 0.37 * sum((f * (p - r) ** 2).sum() for p, r, f in zip(params, trainer.reference, trainer.fisher))
+    want = torch.autograd.grad(penalty, params)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.grad, w, rtol=0, atol=1e-6)
+
+
+def test_training_applies_the_pull_once_per_step(tmp_path):
+    ewc = _trainer(tmp_path / "a", ewc_lambda=50.0)
+    ewc.train()
+    sft = SFTTrainer(model=_model(), args=_args(tmp_path / "b", cls=TrainArguments), train_dataset=_data(8, 10, 1),
+                     data_collator=_collate)
+    sft.train()
+    zero = _trainer(tmp_path / "c", ewc_lambda=0.0)
+    zero.train()
+    w = lambda t: torch.cat([p.detach().flatten() for p in t.model.parameters()])  # noqa: E731
+    assert torch.equal(w(zero), w(sft))  # λ = 0 is SFT
+    assert not torch.allclose(w(ewc), w(sft))
+    # the pull moves the weights back toward w0 where the Fisher is large
+    w0 = torch.cat([r.flatten() for r in ewc.reference])
+    assert (w(ewc) - w0).norm() < (w(sft) - w0).norm()
+
+
+def test_bad_lambda_and_missing_fisher_data(tmp_path):
+    with pytest.raises(LisaError, match="ewc_lambda=-1"):
+        _args(tmp_path, ewc_lambda=-1)
+    with pytest.raises(LisaError, match="fisher_dataset"):
+        EWCTrainer(model=_model(), args=_args(tmp_path), train_dataset=_data(4, 10, 1), data_collator=_collate)
