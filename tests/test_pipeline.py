@@ -174,3 +174,24 @@ def test_evaluate_rejudges_saved_predictions(tmp_path, capsys):
     assert json.loads((run / "summary.json").read_text())["sft"]["hs"] == pytest.approx(hs)
     assert json.loads((run / "eval" / "sft" / "metrics.json").read_text())["hs"] == pytest.approx(hs)
     assert main(["evaluate", str(tmp_path), "--judge", "refusal"]) == 2
+
+    # a second judge: the agreement with the previous one is recorded (fake judge: flags the first two)
+    from lisa_align.evaluation import JUDGES, Judge, Verdict
+
+    class FirstTwo(Judge):
+        name = "firsttwo"
+
+        def score(self, prompts, answers):
+            return [Verdict(flagged=i < 2) for i in range(len(answers))]
+
+    JUDGES["firsttwo"] = FirstTwo
+    try:
+        assert main(["evaluate", str(run), "--judge", "firsttwo"]) == 0
+    finally:
+        del JUDGES["firsttwo"]
+    m = json.loads((run / "eval" / "sft" / "metrics.json").read_text())
+    assert m["judge"] == "firsttwo" and m["hs"] == pytest.approx(100 * 2 / len(rows))
+    # refusal flagged rows 2-5 and firsttwo flags rows 0-1: no agreement at all; with marginals 4/6 and
+    # 2/6 the chance agreement is 4/9, so kappa = (0 - 4/9) / (1 - 4/9) = -0.8
+    assert len(rows) == 6
+    assert m["judge_agreement"]["refusal~firsttwo"]["cohen_kappa"] == pytest.approx(-0.8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -72,7 +73,7 @@ def cmd_demo(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """Re-judge saved harmful predictions of every evaluated model in RUN_DIR (no generation)."""
-    from lisa_align.evaluation import get_judge, rejudge
+    from lisa_align.evaluation import cohen_kappa, get_judge, rejudge
     from lisa_align.io import atomic_write_json, read_json
     from lisa_align.pipeline import format_table
 
@@ -84,7 +85,16 @@ def cmd_evaluate(args) -> int:
     summary_path = run / "summary.json"
     summary = read_json(summary_path) if summary_path.is_file() else {}
     for out in evals:
+        preds = out / "predictions" / "harmful.jsonl"
+        before = [json.loads(line) for line in preds.read_text(encoding="utf-8").splitlines() if line.strip()]
+        old_judge = (read_json(out / "metrics.json") if (out / "metrics.json").is_file() else {}).get("judge")
         m = rejudge(out, judge)
+        if old_judge and old_judge != judge.name and before and all("flagged" in r for r in before):
+            after = [json.loads(line) for line in preds.read_text(encoding="utf-8").splitlines() if line.strip()]
+            kappa = cohen_kappa([bool(r["flagged"]) for r in before], [bool(r["flagged"]) for r in after])
+            m.setdefault("judge_agreement", {})[f"{old_judge}~{judge.name}"] = {"cohen_kappa": kappa}
+            atomic_write_json(out / "metrics.json", m)
+            print(f"{out.name}: Cohen's kappa {old_judge} vs {judge.name} = {kappa:.3f}")
         summary[out.name] = {"hs": m.get("hs"), "fa": m.get("fa"), "over_refusal": m.get("over_refusal")}
     atomic_write_json(summary_path, summary)
     print(f"judge: {judge.name}")

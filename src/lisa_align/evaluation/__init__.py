@@ -6,13 +6,17 @@ from lisa_align.evaluation.judges import (
     BEAVERDAM_TEMPLATE,
     BEAVERTAILS_CATEGORIES,
     JUDGES,
+    LLAMA_GUARD_CATEGORIES,
     REFUSAL_PREFIXES,
     BeaverDamJudge,
     Judge,
+    LlamaGuardJudge,
     RefusalJudge,
     Verdict,
+    cohen_kappa,
     get_judge,
     is_refusal,
+    parse_llama_guard,
 )
 from lisa_align.evaluation.tasks import (
     AGNEWS_LABELS,
@@ -28,6 +32,7 @@ from lisa_align.evaluation.tasks import (
 )
 
 __all__ = [
+    "LLAMA_GUARD_CATEGORIES", "LlamaGuardJudge", "cohen_kappa", "parse_llama_guard",
     "AGNEWS_LABELS",
     "BEAVERDAM_TEMPLATE",
     "BEAVERTAILS_CATEGORIES",

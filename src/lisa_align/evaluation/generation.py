@@ -84,8 +84,11 @@ def generate(
     max_new_tokens: int,
     batch_size: int = 32,
     desc: str = "generate",
+    add_special_tokens: bool = True,
 ) -> list[str]:
     """Greedy answers for ``prompts``, batched with left padding; answers come back in input order.
+
+    ``add_special_tokens=False`` for prompts that already hold them (a rendered chat template).
 
     Prompts are sorted by token length (longest first, so memory problems show up at once) to keep
     padding small.
@@ -95,7 +98,7 @@ def generate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = _model_device(model)
-    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     answers: list[str | None] = [None] * len(prompts)
     with _padding_setup(tokenizer, "left") as pad_id, _eval_mode(model):
@@ -103,7 +106,8 @@ def generate(
         with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=None) as bar:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
+                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                                add_special_tokens=add_special_tokens)
                 enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
                 out = model.generate(**enc, **kwargs)
                 new_tokens = out[:, enc["input_ids"].shape[1] :]
