@@ -1,4 +1,4 @@
-"""The ``lisa`` command: run | evaluate | demo."""
+"""The ``lisa`` command: run | sweep | evaluate | demo."""
 
 from __future__ import annotations
 
@@ -103,6 +103,23 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from lisa_align.pipeline import format_table
+    from lisa_align.sweep import plan, run_local, submit, write_slurm
+
+    root, runs = plan(args.config, args.grid, args.set, share_aligned=args.launcher == "local")
+    if args.launcher == "slurm":
+        script = write_slurm(root, runs)
+        print(f"{len(runs)} runs; array script {script}")
+        print(submit(script) if args.submit else f"submit with: sbatch {script}")
+        return 0
+    for r in run_local(root, runs):
+        print(f"\n{r['name']}  ({r['run_dir']})")
+        print(format_table(r["summary"]))
+    print(root)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lisa", description="Lisa: fine-tune LLMs without losing safety alignment")
     sub = p.add_subparsers(dest="command", required=True)
@@ -111,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="key.path=value, e.g. data.p=0.2 finetune.lisa.rho=10")
     r.add_argument("--force", action="store_true", help="reuse a run dir whose config differs")
     r.set_defaults(func=cmd_run)
+    w = sub.add_parser("sweep", help="expand a grid of runs and run them (local, in sequence) or submit a Slurm array")
+    w.add_argument("config")
+    w.add_argument("--grid", nargs="+", required=True,
+                   help="axes key=v1,v2 (method, p, n, rho, k1, k2, seed, or dotted config paths)")
+    w.add_argument("--set", nargs="*", default=[], help="key.path=value overrides for every run")
+    w.add_argument("--launcher", choices=["local", "slurm"], default="local")
+    w.add_argument("--submit", action="store_true", help="with --launcher slurm: call sbatch")
+    w.set_defaults(func=cmd_sweep)
     e = sub.add_parser("evaluate", help="re-judge a run's saved predictions with another judge (no generation)")
     e.add_argument("run_dir")
     e.add_argument("--judge", required=True, help="refusal | beaverdam")

@@ -76,6 +76,8 @@ class StageSettings(_Strict):
 
 class AlignStage(StageSettings):
     enabled: bool = True
+    output_dir: str | None = Field(None, description="where the aligned model is kept (default RUN_DIR/aligned); "
+                                   "runs that name the same folder share one alignment")
     lr: float = 1e-3
     epochs: float = 30
     weight_decay: float = 0.1
@@ -243,6 +245,16 @@ class EvalSettings(_Strict):
         return v
 
 
+class SlurmSettings(_Strict):
+    """Resources of one run when a sweep is launched as a Slurm array."""
+
+    gpus: int = 1
+    cpus: int = 8
+    mem: str = "64G"
+    time: str = "24:00:00"
+    partition: str | None = None
+
+
 class RunConfig(_Strict):
     name: str = "run"
     output_dir: str = "runs"
@@ -252,6 +264,7 @@ class RunConfig(_Strict):
     align: AlignStage = Field(default_factory=AlignStage)
     finetune: FinetuneStage = Field(default_factory=FinetuneStage)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
     use_cpu: bool = False
 
     @model_validator(mode="after")

@@ -139,7 +139,7 @@ class Pipeline:
     def aligned_path(self) -> str:
         if not self.cfg.align.enabled:
             return self.base_path()
-        out = self.run_dir / "aligned"
+        out = Path(self.cfg.align.output_dir) if self.cfg.align.output_dir else self.run_dir / "aligned"
         if (out / "config.json").exists():
             return str(out)
         from lisa_align.models.lora import merge
@@ -149,12 +149,13 @@ class Pipeline:
         t0 = time.time()
         self.echo(f"[lisa] align: {len(self.data.alignment)} rows x {self.cfg.align.epochs} epochs")
         model, tok = self._load(base)
-        model, _ = train_stage(model, tok, self.data.alignment, self.cfg.align, self.run_dir / "align_trainer",
+        work = out.parent / f".{out.name}.trainer"
+        model, _ = train_stage(model, tok, self.data.alignment, self.cfg.align, work,
                                seed=self.cfg.seed, max_length=self.cfg.data.max_length, use_cpu=_use_cpu(self.cfg),
                                log_path=self.log_path, log_tag="align")
         model = merge(model)
         _save_atomically(out, model, tok)
-        shutil.rmtree(self.run_dir / "align_trainer", ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
         self._timed("align", t0)
         return str(out)
 

@@ -1,0 +1,129 @@
+"""Grid sweeps: expand ``key=v1,v2`` axes into runs, run them in sequence or as a Slurm array.
+
+Axis keys are dotted config paths, or the short names ``method``, ``p``, ``n``, ``rho``, ``k1``,
+``k2``, ``seed``. Every run is a normal ``lisa run`` with its own run folder under the sweep's
+folder (``<output_dir>/<name>/<axis values>``). Locally, runs that share the seed, the model, the
+alignment settings and data share one aligned model (``_aligned/<hash>``), and finished runs are
+skipped. With ``--launcher slurm`` the sweep writes one config per run and an sbatch array script
+(resources from the config's ``slurm`` section), then submits it or prints the command; array
+tasks run concurrently, so each aligns in its own folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from lisa_align.config import apply_overrides, config_to_dict, validate_config
+from lisa_align.errors import LisaError
+from lisa_align.io import atomic_write_text, atomic_write_yaml
+
+ALIASES = {"method": "finetune.methods", "p": "data.p", "n": "data.n", "rho": "finetune.lisa.rho",
+           "k1": "finetune.lisa.k1", "k2": "finetune.lisa.k2", "seed": "seed"}
+
+
+def parse_grid(items: list[str]) -> list[tuple[str, list]]:
+    axes = []
+    for item in items:
+        if "=" not in item:
+            raise LisaError(f"grid axis '{item}' must look like key=v1,v2 (e.g. p=0,0.1,0.2)")
+        key, values = item.split("=", 1)
+        vals = [yaml.safe_load(v) for v in values.split(",") if v.strip() != ""]
+        if not vals:
+            raise LisaError(f"grid axis '{key}' has no values")
+        axes.append((key.strip(), vals))
+    return axes
+
+
+def expand(axes: list[tuple[str, list]]) -> list[tuple[str, list[str]]]:
+    """(run name, overrides) for every combination of the axes."""
+    runs = []
+    for combo in itertools.product(*[vals for _, vals in axes]):
+        name = ",".join(f"{key}={val}" for (key, _), val in zip(axes, combo))
+        overrides = []
+        for (key, _), val in zip(axes, combo):
+            path = ALIASES.get(key, key)
+            overrides.append(f"{path}={json.dumps([val]) if key == 'method' else json.dumps(val)}")
+        runs.append((name, overrides))
+    return runs
+
+
+def aligned_key(raw: dict) -> str:
+    """Runs with equal seed, model, alignment settings and alignment data share one aligned model."""
+    part = {k: raw.get(k) for k in ("seed", "model", "align")}
+    part["alignment"] = raw.get("data", {}).get("alignment")
+    part["max_length"] = raw.get("data", {}).get("max_length")
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def plan(config_path: str, grid: list[str], extra: list[str] | None = None, *, share_aligned: bool = True):
+    """Resolved run configs (dicts) of a sweep, and the sweep folder."""
+    p = Path(config_path)
+    if not p.exists():
+        raise LisaError(f"config file not found: {p}")
+    base = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    base = apply_overrides(base, list(extra or []))
+    root_cfg = validate_config(base, str(p))
+    root = root_cfg.run_dir
+    runs = []
+    for name, overrides in expand(parse_grid(grid)):
+        raw = apply_overrides(json.loads(json.dumps(base)), overrides + [f"output_dir={root}", f"name={name}"])
+        cfg = config_to_dict(validate_config(raw, f"{p} [{name}]"))
+        if share_aligned and cfg["align"]["enabled"] and not cfg["align"].get("output_dir"):
+            cfg["align"]["output_dir"] = str(root / "_aligned" / aligned_key(cfg))
+        runs.append(cfg)
+    return root, runs
+
+
+def run_local(root: Path, runs: list[dict], echo=print) -> list[dict]:
+    from lisa_align.pipeline import Pipeline
+
+    results = []
+    for i, raw in enumerate(runs, 1):
+        cfg = validate_config(raw)
+        done = cfg.run_dir / "summary.json"
+        if done.exists():
+            echo(f"[sweep] {i}/{len(runs)} {cfg.name}: finished, skipped")
+        else:
+            echo(f"[sweep] {i}/{len(runs)} {cfg.name}")
+            Pipeline(cfg, echo=echo).run()
+        results.append({"name": cfg.name, "run_dir": str(cfg.run_dir), "summary": json.loads(done.read_text())})
+    return results
+
+
+def write_slurm(root: Path, runs: list[dict]) -> Path:
+    cfg_dir = root / "configs"
+    paths = []
+    for raw in runs:
+        path = cfg_dir / f"{raw['name']}.yaml"
+        atomic_write_yaml(path, raw)
+        paths.append(path.resolve())
+    s = validate_config(runs[0]).slurm
+    lisa = shutil.which("lisa") or "lisa"
+    lines = ["#!/bin/bash", f"#SBATCH --job-name=lisa-{root.name}", f"#SBATCH --array=0-{len(runs) - 1}",
+             f"#SBATCH --gres=gpu:{s.gpus}", f"#SBATCH --cpus-per-task={s.cpus}", f"#SBATCH --mem={s.mem}",
+             f"#SBATCH --time={s.time}", f"#SBATCH --output={root.resolve()}/slurm-%A_%a.out"]
+    if s.partition:
+        lines.append(f"#SBATCH --partition={s.partition}")
+    lines += ["set -euo pipefail", "CONFIGS=(", *[f"  {shlex.quote(str(p))}" for p in paths], ")",
+              f'exec {shlex.quote(lisa)} run "${{CONFIGS[$SLURM_ARRAY_TASK_ID]}}"', ""]
+    script = root / "sweep.sbatch"
+    atomic_write_text(script, "\n".join(lines))
+    return script
+
+
+def submit(script: Path) -> str:
+    if shutil.which("sbatch") is None:
+        raise LisaError("sbatch is not on PATH: run this on a Slurm login node, or drop --submit and "
+                        f"run `sbatch {script}` there")
+    out = subprocess.run(["sbatch", str(script)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise LisaError(f"sbatch failed: {(out.stderr or out.stdout).strip().splitlines()[0][:200]}")
+    return out.stdout.strip()
