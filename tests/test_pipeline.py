@@ -139,6 +139,24 @@ def test_na_sft_starts_from_base_and_vlguard_mixes_alignment_rows(tmp_path):
         assert (cfg.run_dir / "eval" / key / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("align_method", ["vaccine", "random_vaccine"])
+def test_vaccine_alignment_then_lisa(tmp_path, monkeypatch, align_method):
+    from lisa_align.training.vaccine import VaccineTrainer
+
+    steps = []
+    real = VaccineTrainer.training_step
+    monkeypatch.setattr(VaccineTrainer, "training_step", lambda self, *a, **k: steps.append(
+        self.args.vaccine_random) or real(self, *a, **k))
+    cfg = validate_config(micro(tmp_path, **{"align.method": align_method, "align.vaccine_rho": 0.5,
+                                             "finetune.methods": ["lisa"], "eval.models": ["methods"]}))
+    said: list[str] = []
+    Pipeline(cfg, echo=said.append).run()
+    assert steps and set(steps) == {align_method == "random_vaccine"}  # 16 rows, batch 8: 2 steps
+    assert len(steps) == 2
+    assert any(f"align ({align_method})" in s for s in said)
+    assert (cfg.run_dir / "eval" / "lisa" / "metrics.json").exists()
+
+
 def test_ewc_runs_in_the_pipeline(tmp_path):
     cfg = validate_config(micro(tmp_path, **{"finetune.methods": [{"name": "ewc", "ewc_lambda": 0.5}],
                                              "eval.models": ["methods"]}))

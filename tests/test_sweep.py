@@ -49,7 +49,7 @@ def test_local_sweep_runs_aligns_once_and_skips_finished(config, capsys):
     out = capsys.readouterr().out
     root = config.parent / "runs" / "micro"
     assert out.strip().splitlines()[-1] == str(root)
-    assert out.count("[lisa] align: 16 rows") == 1  # four runs, one seed: one alignment
+    assert out.count("[lisa] align (sft): 16 rows") == 1  # four runs, one seed: one alignment
     assert len(list((root / "_aligned").iterdir())) == 1
     for name in ("method=sft,p=0", "method=bso,p=0.25"):
         s = json.loads((root / name / "summary.json").read_text())

@@ -76,6 +76,9 @@ class StageSettings(_Strict):
 
 class AlignStage(StageSettings):
     enabled: bool = True
+    method: Literal["sft", "vaccine", "random_vaccine"] = Field(
+        "sft", description="sft; vaccine (perturbation-aware, Vaccine+Lisa = this + a lisa finetune); random_vaccine")
+    vaccine_rho: float = Field(2.0, ge=0, allow_inf_nan=False, description="Vaccine perturbation norm / variance")
     output_dir: str | None = Field(None, description="where the aligned model is kept (default RUN_DIR/aligned); "
                                    "runs that name the same folder share one alignment")
     lr: float = 1e-3

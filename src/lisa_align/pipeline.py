@@ -147,10 +147,12 @@ class Pipeline:
 
         base = self.base_path()  # timed on its own when the tiny base is built
         t0 = time.time()
-        self.echo(f"[lisa] align: {len(self.data.alignment)} rows x {self.cfg.align.epochs} epochs")
+        self.echo(f"[lisa] align ({self.cfg.align.method}): {len(self.data.alignment)} rows x {self.cfg.align.epochs} epochs")
         model, tok = self._load(base)
         work = out.parent / f".{out.name}.trainer"
-        model, _ = train_stage(model, tok, self.data.alignment, self.cfg.align, work,
+        a = self.cfg.align
+        vaccine = None if a.method == "sft" else (a.vaccine_rho, a.method == "random_vaccine")
+        model, _ = train_stage(model, tok, self.data.alignment, self.cfg.align, work, vaccine=vaccine,
                                seed=self.cfg.seed, max_length=self.cfg.data.max_length, use_cpu=_use_cpu(self.cfg),
                                log_path=self.log_path, log_tag="align")
         model = merge(model)

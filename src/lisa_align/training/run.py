@@ -15,13 +15,14 @@ from lisa_align.training.callbacks import JsonlLogCallback
 from lisa_align.training.ewc import EWCArguments, EWCTrainer
 from lisa_align.training.lisa import LisaArguments, LisaTrainer
 from lisa_align.training.sft import SFTTrainer, TrainArguments
+from lisa_align.training.vaccine import VaccineArguments, VaccineTrainer
 
 log = logging.getLogger(__name__)
 
 
 def training_arguments(stage: StageSettings, output_dir: str | Path, *, seed: int, use_cpu: bool = False,
                        lisa: LisaSettings | None = None, ewc_lambda: float | None = None,
-                       save: bool = True) -> TrainArguments:
+                       vaccine: tuple[float, bool] | None = None, save: bool = True) -> TrainArguments:
     common = dict(
         output_dir=str(output_dir), learning_rate=stage.lr, num_train_epochs=stage.epochs, max_steps=stage.max_steps,
         per_device_train_batch_size=stage.batch_size, gradient_accumulation_steps=stage.grad_accum,
@@ -34,6 +35,8 @@ def training_arguments(stage: StageSettings, output_dir: str | Path, *, seed: in
     )
     if ewc_lambda is not None:
         return EWCArguments(**common, ewc_lambda=ewc_lambda)
+    if vaccine is not None:
+        return VaccineArguments(**common, vaccine_rho=vaccine[0], vaccine_random=vaccine[1])
     if lisa is None:
         return TrainArguments(**common)
     return LisaArguments(**common, k1=lisa.k1, k2=lisa.k2, rho=lisa.rho,
@@ -42,6 +45,7 @@ def training_arguments(stage: StageSettings, output_dir: str | Path, *, seed: in
 
 def train_stage(model, tokenizer, rows: list[dict], stage: StageSettings, output_dir: str | Path, *,
                 seed: int, max_length: int, lisa: LisaSettings | None = None, ewc_lambda: float | None = None,
+                vaccine: tuple[float, bool] | None = None,
                 alignment_rows: list[dict] | None = None, use_cpu: bool = False, log_path: str | Path | None = None, log_tag: str = "train",
                 resume: bool = True, save_checkpoints: bool = True):
     """Train ``model`` on ``rows`` (and, for Lisa/BSO, ``alignment_rows``; for EWC they give the
@@ -53,7 +57,7 @@ def train_stage(model, tokenizer, rows: list[dict], stage: StageSettings, output
     if stage.lora is not None:
         model = attach_lora(model, stage.lora)
     args = training_arguments(stage, output_dir, seed=seed, use_cpu=use_cpu, lisa=lisa, ewc_lambda=ewc_lambda,
-                              save=save_checkpoints)
+                              vaccine=vaccine, save=save_checkpoints)
     train_ds = tokenize_rows(rows, tokenizer, max_length)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     callbacks = [JsonlLogCallback(log_path, stage=log_tag)] if log_path else []
@@ -61,6 +65,8 @@ def train_stage(model, tokenizer, rows: list[dict], stage: StageSettings, output
                   processing_class=tokenizer, callbacks=callbacks)
     if ewc_lambda is not None:
         trainer = EWCTrainer(**kwargs, fisher_dataset=tokenize_rows(alignment_rows or [], tokenizer, max_length))
+    elif vaccine is not None:
+        trainer = VaccineTrainer(**kwargs)
     elif lisa is None:
         trainer = SFTTrainer(**kwargs)
     else:
