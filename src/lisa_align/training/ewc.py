@@ -8,7 +8,6 @@ training loss. w0 and F are taken at the first optimizer step.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from lisa_align.errors import LisaError
 from lisa_align.training.penalty import add_pull_gradient, grad_scale
-from lisa_align.training.sft import SFTTrainer, TrainArguments
+from lisa_align.training.sft import SFTTrainer, TrainArguments, check_nonnegative
 
 MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
 
@@ -27,9 +26,7 @@ class EWCArguments(TrainArguments):
     fisher_batches: int | None = field(default=None, metadata={"help": "alignment batches for the Fisher (None: all)"})
 
     def __post_init__(self):
-        lam = self.ewc_lambda
-        if not isinstance(lam, (int, float)) or math.isnan(lam) or math.isinf(lam) or lam < 0:
-            raise LisaError(f"ewc_lambda={lam} must be a finite number >= 0 (the reference uses 0.001)")
+        check_nonnegative("ewc_lambda", self.ewc_lambda, "the reference uses 0.001")
         super().__post_init__()
 
 

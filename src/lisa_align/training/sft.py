@@ -8,6 +8,7 @@ small models (design.md §4).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,12 @@ from lisa_align.data.templates import IGNORE_INDEX
 from lisa_align.errors import LisaError
 
 LOSS_REDUCTIONS = ("token", "example")
+
+
+def check_nonnegative(name: str, value, hint: str) -> None:
+    """One-line LisaError unless ``value`` is a finite number >= 0."""
+    if not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value) or value < 0:
+        raise LisaError(f"{name}={value} must be a finite number >= 0 ({hint})")
 
 
 @dataclass

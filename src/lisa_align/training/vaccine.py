@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lisa_align.errors import LisaError
-from lisa_align.training.sft import SFTTrainer, TrainArguments
+from lisa_align.training.sft import SFTTrainer, TrainArguments, check_nonnegative
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
@@ -46,9 +46,7 @@ class VaccineArguments(TrainArguments):
     vaccine_random: bool = field(default=False, metadata={"help": "RandomVaccine: Gaussian perturbation"})
 
     def __post_init__(self):
-        r = self.vaccine_rho
-        if not isinstance(r, (int, float)) or math.isnan(r) or math.isinf(r) or r < 0:
-            raise LisaError(f"vaccine_rho={r} must be a finite number >= 0")
+        check_nonnegative("vaccine_rho", self.vaccine_rho, "the perturbation norm; 0 disables it")
         super().__post_init__()
 
 
