@@ -6,6 +6,8 @@ import datasets
 import pytest
 import torch
 from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -50,6 +52,7 @@ def _trainer(tmp_path, model=None, **kw):
     lambda: LlamaForCausalLM(LlamaConfig(**SMALL)),
     lambda: MistralForCausalLM(MistralConfig(**SMALL)),
     lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL)),
+    lambda: GemmaForCausalLM(GemmaConfig(**SMALL, head_dim=8)),
     lambda: OPTForCausalLM(OPTConfig(vocab_size=40, hidden_size=16, ffn_dim=32, num_hidden_layers=2,
                                      num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16)),
 ])
