@@ -74,3 +74,25 @@ def test_slurm_array_script(config, capsys):
     assert all(yaml.safe_load(c.read_text())["align"]["output_dir"] is None for c in cfgs)
     assert f"sbatch {root / 'sweep.sbatch'}" in out
     assert not (root / "p=0").exists()  # nothing ran
+
+
+def test_grid_from_the_config(config):
+    raw = yaml.safe_load(config.read_text())
+    raw["sweep"] = {"grid": {"method": ["sft", "lisa"], "p": [0, 0.25]}}
+    config.write_text(yaml.safe_dump(raw))
+    root, runs = plan(str(config), [])
+    assert [r["name"] for r in runs] == ["method=sft,p=0", "method=sft,p=0.25", "method=lisa,p=0", "method=lisa,p=0.25"]
+    raw.pop("sweep")
+    config.write_text(yaml.safe_dump(raw))
+    with pytest.raises(LisaError, match="no grid"):
+        plan(str(config), [])
+
+
+@pytest.mark.parametrize("path, n_runs", [("configs/embedded/table3.yaml", 12),
+                                           ("configs/paper/table3-sst2-poison-ratio.yaml", 20)])
+def test_shipped_sweep_configs_expand(path, n_runs):
+    from pathlib import Path
+
+    root, runs = plan(str(Path(__file__).resolve().parents[1] / path), [])
+    assert len(runs) == n_runs
+    assert {r["finetune"]["methods"][0]["name"] for r in runs} == {"sft", "vlguard", "bso", "lisa"}

@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
     w = sub.add_parser("sweep", help="expand a grid of runs and run them (local, in sequence) or submit a Slurm array")
     w.add_argument("config")
-    w.add_argument("--grid", nargs="+", required=True,
-                   help="axes key=v1,v2 (method, p, n, rho, k1, k2, seed, or dotted config paths)")
+    w.add_argument("--grid", nargs="+", default=[],
+                   help="axes key=v1,v2 (method, p, n, rho, k1, k2, seed, or dotted config paths); "
+                        "default: the config's sweep.grid")
     w.add_argument("--set", nargs="*", default=[], help="key.path=value overrides for every run")
     w.add_argument("--launcher", choices=["local", "slurm"], default="local")
     w.add_argument("--submit", action="store_true", help="with --launcher slurm: call sbatch")

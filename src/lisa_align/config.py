@@ -258,6 +258,12 @@ class SlurmSettings(_Strict):
     partition: str | None = None
 
 
+class SweepSettings(_Strict):
+    """The grid `lisa sweep CONFIG` runs when no --grid is given: axis -> values."""
+
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+
 class RunConfig(_Strict):
     name: str = "run"
     output_dir: str = "runs"
@@ -268,6 +274,7 @@ class RunConfig(_Strict):
     finetune: FinetuneStage = Field(default_factory=FinetuneStage)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     slurm: SlurmSettings = Field(default_factory=SlurmSettings)
+    sweep: SweepSettings = Field(default_factory=SweepSettings)
     use_cpu: bool = False
 
     @model_validator(mode="after")

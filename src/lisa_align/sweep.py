@@ -72,8 +72,11 @@ def plan(config_path: str, grid: list[str], extra: list[str] | None = None, *, s
     base = apply_overrides(base, list(extra or []))
     root_cfg = validate_config(base, str(p))
     root = root_cfg.run_dir
+    axes = parse_grid(grid) if grid else list(root_cfg.sweep.grid.items())
+    if not axes:
+        raise LisaError(f"{p}: no grid: pass --grid key=v1,v2 ... or add sweep: {{grid: {{p: [0, 0.1]}}}} to the config")
     runs = []
-    for name, overrides in expand(parse_grid(grid)):
+    for name, overrides in expand(axes):
         raw = apply_overrides(json.loads(json.dumps(base)), overrides + [f"output_dir={root}", f"name={name}"])
         cfg = config_to_dict(validate_config(raw, f"{p} [{name}]"))
         if share_aligned and cfg["align"]["enabled"] and not cfg["align"].get("output_dir"):
