@@ -249,3 +249,13 @@ def test_new_methods_resolve():
     assert na.lisa(cfg.finetune.lisa) is None and vl.lisa(cfg.finetune.lisa) is None
     assert vl.alignment_rows == 500
     assert bso.lisa(cfg.finetune.lisa).rho == 0.0
+
+
+def test_method_defaults_of_the_reference():
+    from lisa_align.config import MethodSpec
+
+    assert MethodSpec(name="vlguard").vlguard_rows == 1000
+    assert MethodSpec(name="vlguard", alignment_rows=7).vlguard_rows == 7
+    assert MethodSpec(name="ewc").ewc_strength == 0.001
+    assert MethodSpec(name="ewc", ewc_lambda=0.5).ewc_strength == 0.5
+    assert MethodSpec(name="sft").vlguard_rows is None and MethodSpec(name="sft").ewc_strength is None

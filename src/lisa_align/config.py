@@ -132,6 +132,16 @@ class MethodSpec(_Strict):
         return self.label or self.name
 
     @property
+    def vlguard_rows(self) -> int | None:
+        """Alignment rows Vlguard mixes in (default 1000); None for other methods."""
+        return (self.alignment_rows or 1000) if self.name == "vlguard" else None
+
+    @property
+    def ewc_strength(self) -> float | None:
+        """EWC's λ (default 0.001, the reference's); None for other methods."""
+        return (self.ewc_lambda if self.ewc_lambda is not None else 0.001) if self.name == "ewc" else None
+
+    @property
     def starts_from_base(self) -> bool:
         return self.name == "na_sft"
 

@@ -173,8 +173,8 @@ class Pipeline:
         model, tok = self._load(start)
         lisa = method.lisa(self.cfg.finetune.lisa)
         rows = self.data.user
-        if method.name == "vlguard":
-            m = method.alignment_rows or 1000
+        m = method.vlguard_rows
+        if m is not None:
             if m > len(self.data.alignment):
                 raise LisaError(f"method '{method.key}': alignment_rows={m} but the alignment data has "
                                 f"{len(self.data.alignment)} rows; lower alignment_rows or add alignment data")
@@ -184,9 +184,9 @@ class Pipeline:
                   + (" from the unaligned base" if method.starts_from_base else ""))
         model, trainer = train_stage(model, tok, rows, self.cfg.finetune, root / "trainer",
                                      seed=self.cfg.seed, max_length=self.cfg.data.max_length, lisa=lisa,
-                                     ewc_lambda=(method.ewc_lambda if method.ewc_lambda is not None else 0.001)
-                                     if method.name == "ewc" else None,
-                                     alignment_rows=self.data.alignment if lisa or method.name == "ewc" else None,
+                                     ewc_lambda=method.ewc_strength,
+                                     alignment_rows=self.data.alignment
+                                     if lisa or method.ewc_strength is not None else None,
                                      use_cpu=_use_cpu(self.cfg), log_path=self.log_path,
                                      log_tag=f"finetune/{method.key}")
         if lisa is not None:

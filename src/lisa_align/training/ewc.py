@@ -15,10 +15,7 @@ from torch.utils.data import DataLoader
 
 from lisa_align.errors import LisaError
 from lisa_align.training.penalty import add_pull_gradient, grad_scale
-from lisa_align.training.sft import SFTTrainer, TrainArguments, check_nonnegative
-
-MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
-
+from lisa_align.training.sft import SFTTrainer, TrainArguments, check_nonnegative, model_columns
 
 @dataclass
 class EWCArguments(TrainArguments):
@@ -35,17 +32,10 @@ class EWCTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         if fisher_dataset is None or len(fisher_dataset) == 0:
             raise LisaError("EWCTrainer needs fisher_dataset= (the alignment data the Fisher is measured on)")
-        extra = [c for c in fisher_dataset.column_names if c not in MODEL_COLUMNS]
-        self.fisher_dataset = fisher_dataset.remove_columns(extra) if extra else fisher_dataset
+        self.fisher_dataset = model_columns(fisher_dataset)
         self.fisher: list[torch.Tensor] | None = None
         self.reference: list[torch.Tensor] | None = None
-        self._params: list[torch.nn.Parameter] | None = None
         self._pull_step = -1
-
-    def _trainable(self) -> list[torch.nn.Parameter]:
-        if self._params is None:
-            self._params = [p for p in self.model.parameters() if p.requires_grad]
-        return self._params
 
     def compute_fisher(self) -> list[torch.Tensor]:
         """Diagonal empirical Fisher: mean over alignment batches of (∂loss/∂w)²."""

@@ -29,10 +29,7 @@ from lisa_align.errors import LisaError
 from lisa_align.training.penalty import add_pull_gradient, grad_scale
 from lisa_align.training.sampler import BiStateBatchSampler, steps_per_epoch
 from lisa_align.training.schedule import ALIGNMENT, BiStateSchedule, validate_lisa_settings
-from lisa_align.training.sft import SFTTrainer, TrainArguments
-
-MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
-
+from lisa_align.training.sft import SFTTrainer, TrainArguments, model_columns
 
 @dataclass
 class LisaArguments(TrainArguments):
@@ -48,11 +45,6 @@ class LisaArguments(TrainArguments):
 
 
 LisaConfig = LisaArguments  # the name design.md uses
-
-
-def _model_columns(ds):
-    extra = [c for c in getattr(ds, "column_names", []) if c not in MODEL_COLUMNS]
-    return ds.remove_columns(extra) if extra else ds
 
 
 class LisaTrainer(SFTTrainer):
@@ -71,7 +63,6 @@ class LisaTrainer(SFTTrainer):
         self.alignment_dataset = alignment_dataset
         self.schedule: BiStateSchedule | None = None
         self._anchor: list[torch.Tensor] | None = None
-        self._params: list[torch.nn.Parameter] | None = None
         self._begun_step = -1
         self._prox_step = -1
         self.switch_log: list[dict] = []
@@ -88,10 +79,10 @@ class LisaTrainer(SFTTrainer):
 
         if self.train_dataset is None:
             raise LisaError("LisaTrainer needs train_dataset= (the user's fine-tuning data)")
-        user = _model_columns(self.train_dataset)
+        user = model_columns(self.train_dataset)
         parts = [user]
         if self.alignment_dataset is not None and len(self.alignment_dataset):
-            align = _model_columns(self.alignment_dataset)
+            align = model_columns(self.alignment_dataset)
             parts.append(align if align.features == user.features else align.cast(user.features))
         data = datasets.concatenate_datasets(parts) if len(parts) > 1 else user
         n_user = len(user)
@@ -108,11 +99,6 @@ class LisaTrainer(SFTTrainer):
         return self.accelerator.prepare(loader)
 
     # ---- the two states and the proximal term ----------------------------------------------
-    def _trainable(self) -> list[torch.nn.Parameter]:
-        if self._params is None:
-            self._params = [p for p in self.model.parameters() if p.requires_grad]
-        return self._params
-
     @property
     def anchor(self) -> list[torch.Tensor] | None:
         return self._anchor

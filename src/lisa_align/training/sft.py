@@ -19,6 +19,13 @@ from lisa_align.data.templates import IGNORE_INDEX
 from lisa_align.errors import LisaError
 
 LOSS_REDUCTIONS = ("token", "example")
+MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
+
+
+def model_columns(ds):
+    """``ds`` with only the columns the model takes (the pipeline's rows carry metadata too)."""
+    extra = [c for c in getattr(ds, "column_names", []) if c not in MODEL_COLUMNS]
+    return ds.remove_columns(extra) if extra else ds
 
 
 def check_nonnegative(name: str, value, hint: str) -> None:
@@ -54,6 +61,13 @@ class SFTTrainer(Trainer):
         if getattr(self.args, "loss_reduction", "token") == "example":
             # compute_loss returns a batch mean; the Trainer divides it by the accumulation steps.
             self.loss_is_scaled_for_ga = False
+        self._params: list[torch.nn.Parameter] | None = None
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        """The trainable parameters (LoRA A/B under LoRA), in a fixed order; what the penalties act on."""
+        if self._params is None:
+            self._params = [p for p in self.model.parameters() if p.requires_grad]
+        return self._params
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         if getattr(self.args, "loss_reduction", "token") != "example":
