@@ -1,4 +1,4 @@
-"""The ``lisa`` command: run | sweep | evaluate | demo."""
+"""The ``lisa`` command: run | sweep | evaluate | report | demo."""
 
 from __future__ import annotations
 
@@ -120,6 +120,17 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from lisa_align.report import markdown, write_report
+
+    out, report = write_report(args.runs_dir, args.out)
+    print(markdown(report), end="")
+    print(f"{len(report.rows)} results from {len({r['run'] for r in report.rows})} runs"
+          + (f" ({len(report.unfinished)} unfinished, left out)" if report.unfinished else ""))
+    print(out / "report.html")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lisa", description="Lisa: fine-tune LLMs without losing safety alignment")
     sub = p.add_subparsers(dest="command", required=True)
@@ -130,10 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
     w = sub.add_parser("sweep", help="expand a grid of runs and run them (local, in sequence) or submit a Slurm array")
     w.add_argument("config")
-    w.add_argument("--grid", nargs="+", default=[],
+    w.add_argument("--grid", nargs="+", action="extend", default=[],
                    help="axes key=v1,v2 (method, p, n, rho, k1, k2, seed, or dotted config paths); "
                         "default: the config's sweep.grid")
-    w.add_argument("--set", nargs="*", default=[], help="key.path=value overrides for every run")
+    w.add_argument("--set", nargs="+", action="extend", default=[],
+                   help="key.path=value overrides for every run (repeatable)")
     w.add_argument("--launcher", choices=["local", "slurm"], default="local")
     w.add_argument("--submit", action="store_true", help="with --launcher slurm: call sbatch")
     w.set_defaults(func=cmd_sweep)
@@ -142,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--judge", required=True, help="refusal | beaverdam")
     e.add_argument("--judge-model", default=None, help="judge model path or HF id (beaverdam)")
     e.set_defaults(func=cmd_evaluate)
+    rp = sub.add_parser("report", help="tables (markdown/CSV), plots (PNG) and report.html for the runs in a folder")
+    rp.add_argument("runs_dir", help="a sweep folder (or any folder holding run folders)")
+    rp.add_argument("--out", default=None, help="report folder (default: RUNS_DIR/report)")
+    rp.set_defaults(func=cmd_report)
     d = sub.add_parser("demo", help="the embedded CPU default: base, aligned, SFT, BSO and Lisa on synthetic data")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--output-dir", default=None)

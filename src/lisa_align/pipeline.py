@@ -89,15 +89,11 @@ class Pipeline:
 
     # ---- bookkeeping ------------------------------------------------------------------------
     def _check_config(self, force: bool) -> None:
-        path = self.run_dir / "config.yaml"
-        new = config_to_dict(self.cfg)
-        if path.exists() and not force:
-            old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            diff = _diff(old, new)
-            if diff:
-                raise LisaError(f"{self.run_dir} holds a run with a different config ({'; '.join(diff[:5])}); "
-                                "use another name/output_dir, or --force to reuse its finished stages anyway")
-        atomic_write_yaml(path, new)
+        diff = config_diff(self.cfg)
+        if diff and not force:
+            raise LisaError(f"{self.run_dir} holds a run with a different config ({'; '.join(diff[:5])}); "
+                            "use another name/output_dir, or --force to reuse its finished stages anyway")
+        atomic_write_yaml(self.run_dir / "config.yaml", config_to_dict(self.cfg))
 
     def _timed(self, stage: str, t0: float) -> None:
         dt = time.time() - t0
@@ -275,6 +271,14 @@ def _save_atomically(out: Path, model, tokenizer) -> None:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def config_diff(cfg: RunConfig) -> list[str]:
+    """How ``cfg`` differs from the config saved in its run folder ("key: old -> new"; empty if none)."""
+    path = cfg.run_dir / "config.yaml"
+    if not path.exists():
+        return []
+    return _diff(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, config_to_dict(cfg))
 
 
 def _diff(old, new, prefix: str = "") -> list[str]:

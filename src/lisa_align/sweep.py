@@ -86,12 +86,16 @@ def plan(config_path: str, grid: list[str], extra: list[str] | None = None, *, s
 
 
 def run_local(root: Path, runs: list[dict], echo=print) -> list[dict]:
-    from lisa_align.pipeline import Pipeline
+    from lisa_align.pipeline import Pipeline, config_diff
 
     results = []
     for i, raw in enumerate(runs, 1):
         cfg = validate_config(raw)
         done = cfg.run_dir / "summary.json"
+        diff = config_diff(cfg)
+        if diff:  # checked before skipping: a finished run of another config is not this run's result
+            raise LisaError(f"{cfg.run_dir} holds a run with a different config ({'; '.join(diff[:5])}); "
+                            "give the sweep another name (--set name=...) or output_dir")
         if done.exists():
             echo(f"[sweep] {i}/{len(runs)} {cfg.name}: finished, skipped")
         else:

@@ -148,5 +148,13 @@ class LisaTrainer(SFTTrainer):
             self._prox_step = step
         return loss
 
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Training-loss records also carry the drift ‖w − anchor‖ and the state (the drift curve)."""
+        if "loss" in logs and self._anchor is not None and self.schedule is not None:
+            logs = {**logs, "lisa/drift": self.drift(),
+                    "lisa/state_is_alignment":  # the state of the step just taken
+                    float(self.schedule.state(max(self.state.global_step - 1, 0)) == ALIGNMENT)}
+        super().log(logs, *args, **kwargs)
+
     def current_state(self) -> str:
         return self.schedule.state(self.state.global_step)
