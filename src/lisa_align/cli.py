@@ -72,18 +72,41 @@ def cmd_demo(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    """Re-judge saved harmful predictions of every evaluated model in RUN_DIR (no generation)."""
-    from lisa_align.evaluation import cohen_kappa, get_judge, rejudge
+    """Re-judge the saved predictions of every evaluated model in RUN_DIR (no generation): harmful
+    answers with --judge, AlpacaEval answers (win rate = FA) with --pairwise-judge-model."""
     from lisa_align.io import atomic_write_json, read_json
     from lisa_align.pipeline import format_table
 
+    if not args.judge and not args.pairwise_judge_model:
+        raise LisaError("nothing to judge: pass --judge X (harmful answers) and/or --pairwise-judge-model PATH "
+                        "(alpaca_eval win rate)")
     run = Path(args.run_dir)
+    if not (run / "eval").is_dir():
+        raise LisaError(f"{run}: no eval/ folder with saved predictions; run `lisa run` first")
+    summary_path = run / "summary.json"
+    summary = read_json(summary_path) if summary_path.is_file() else {}
+    if args.judge:
+        _rejudge_harmful(run, args, summary)
+    if args.pairwise_judge_model:
+        _rejudge_pairwise(run, args, summary)
+    atomic_write_json(summary_path, summary)
+    print(format_table(summary))
+    print(summary_path)
+    return 0
+
+
+def _summary_row(m: dict) -> dict:
+    return {"hs": m.get("hs"), "fa": m.get("fa"), "over_refusal": m.get("over_refusal")}
+
+
+def _rejudge_harmful(run: Path, args, summary: dict) -> None:
+    from lisa_align.evaluation import cohen_kappa, get_judge, rejudge
+    from lisa_align.io import atomic_write_json, read_json
+
     evals = sorted(p for p in (run / "eval").glob("*") if (p / "predictions" / "harmful.jsonl").is_file())
     if not evals:
         raise LisaError(f"{run}: no saved predictions under eval/*/predictions/harmful.jsonl; run `lisa run` first")
     judge = get_judge(args.judge, **({"model_name_or_path": args.judge_model} if args.judge_model else {}))
-    summary_path = run / "summary.json"
-    summary = read_json(summary_path) if summary_path.is_file() else {}
     for out in evals:
         preds = out / "predictions" / "harmful.jsonl"
         before = [json.loads(line) for line in preds.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -95,12 +118,25 @@ def cmd_evaluate(args) -> int:
             m.setdefault("judge_agreement", {})[f"{old_judge}~{judge.name}"] = {"cohen_kappa": kappa}
             atomic_write_json(out / "metrics.json", m)
             print(f"{out.name}: Cohen's kappa {old_judge} vs {judge.name} = {kappa:.3f}")
-        summary[out.name] = {"hs": m.get("hs"), "fa": m.get("fa"), "over_refusal": m.get("over_refusal")}
-    atomic_write_json(summary_path, summary)
+        summary[out.name] = _summary_row(m)
     print(f"judge: {judge.name}")
-    print(format_table(summary))
-    print(summary_path)
-    return 0
+
+
+def _rejudge_pairwise(run: Path, args, summary: dict) -> None:
+    from lisa_align.evaluation import get_pairwise_judge, rejudge_pairwise
+    from lisa_align.evaluation.tasks import get_task
+    from lisa_align.io import read_json
+
+    evals = [p for p in sorted((run / "eval").glob("*")) if (p / "predictions" / "task.jsonl").is_file()
+             and (p / "metrics.json").is_file() and get_task(read_json(p / "metrics.json").get("task") or "sst2").pairwise]
+    if not evals:
+        raise LisaError(f"{run}: no alpaca_eval predictions to judge (eval/*/predictions/task.jsonl of a run with "
+                        "data.task: alpaca_eval)")
+    judge = get_pairwise_judge(args.pairwise_judge, model_name_or_path=args.pairwise_judge_model)
+    for out in evals:
+        m = rejudge_pairwise(out, judge)
+        summary[out.name] = _summary_row(m)
+        print(f"{out.name}: win rate {m['fa']:.1f}% ({judge.name})")
 
 
 def cmd_sweep(args) -> int:
@@ -149,10 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--launcher", choices=["local", "slurm"], default="local")
     w.add_argument("--submit", action="store_true", help="with --launcher slurm: call sbatch")
     w.set_defaults(func=cmd_sweep)
-    e = sub.add_parser("evaluate", help="re-judge a run's saved predictions with another judge (no generation)")
+    e = sub.add_parser("evaluate", help="re-judge a run's saved predictions (no generation): harmful answers "
+                                        "and/or alpaca_eval win rate")
     e.add_argument("run_dir")
-    e.add_argument("--judge", required=True, help="refusal | beaverdam")
-    e.add_argument("--judge-model", default=None, help="judge model path or HF id (beaverdam)")
+    e.add_argument("--judge", default=None, help="harmful-answer judge: refusal | beaverdam | llamaguard")
+    e.add_argument("--judge-model", default=None, help="judge model path or HF id (beaverdam, llamaguard)")
+    e.add_argument("--pairwise-judge", default="local", help="alpaca_eval win-rate judge (default: local)")
+    e.add_argument("--pairwise-judge-model", default=None,
+                   help="local HF causal LM (path or id) that judges alpaca_eval answers against the references")
     e.set_defaults(func=cmd_evaluate)
     rp = sub.add_parser("report", help="tables (markdown/CSV), plots (PNG) and report.html for the runs in a folder")
     rp.add_argument("runs_dir", help="a sweep folder (or any folder holding run folders)")

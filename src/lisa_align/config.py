@@ -201,7 +201,7 @@ class FinetuneStage(StageSettings):
 
 
 class DataSettings(_Strict):
-    task: Literal["sst2", "agnews", "gsm8k"] = "sst2"
+    task: Literal["sst2", "agnews", "gsm8k", "alpaca_eval"] = "sst2"
     max_length: int = 512
     n: int = 5000
     p: float = 0.1
@@ -236,6 +236,9 @@ class DataSettings(_Strict):
 class EvalSettings(_Strict):
     judge: str = "beaverdam"
     judge_model: str | None = None
+    pairwise_judge: str = Field("local", description="alpaca_eval win-rate judge (a registered pairwise judge)")
+    pairwise_judge_model: str | None = Field(None, description="local HF causal LM (path or id) for the pairwise "
+                                             "judge; None: save the generations only, judge later")
     harmful: SourceSpec = Field(default_factory=lambda: SourceSpec(
         source="PKU-Alignment/BeaverTails", split="30k_test", n=1000))
     task: SourceSpec = Field(default_factory=lambda: SourceSpec(source="stanfordnlp/sst2", split="validation", n=872))
@@ -255,6 +258,15 @@ class EvalSettings(_Strict):
         if str(v).strip().lower().replace("-", "").replace("_", "") not in JUDGES:
             raise ValueError(f"unknown judge '{v}': use one of {', '.join(sorted(JUDGES))}"
                              + _suggest(str(v).lower(), sorted(JUDGES)))
+        return v
+
+    @field_validator("pairwise_judge")
+    @classmethod
+    def _pairwise_judge(cls, v: str) -> str:
+        from lisa_align.evaluation.pairwise import PAIRWISE_JUDGES, judge_key
+
+        if judge_key(v) not in PAIRWISE_JUDGES:
+            raise ValueError(f"unknown pairwise judge '{v}': use one of {', '.join(sorted(PAIRWISE_JUDGES))}")
         return v
 
 

@@ -216,13 +216,35 @@ class Pipeline:
 
     # ---- evaluation -------------------------------------------------------------------------
     def evaluate(self, key: str) -> dict:
+        """Evaluate one model (cached in eval/<key>/metrics.json). For a pairwise task (alpaca_eval)
+        the win-rate judge is eval.pairwise_judge with eval.pairwise_judge_model; without a model the
+        generations are saved and FA stays pending. A cached evaluation whose FA is pending is judged
+        (without generating again) once a pairwise judge model is set."""
+        from lisa_align.evaluation.tasks import get_task
+
         out = self.run_dir / "eval" / key
+        e = self.cfg.eval
+
+        def pairwise_judge():
+            if not (e.pairwise_judge_model and get_task(self.cfg.data.task).pairwise):
+                return None
+            from lisa_align.evaluation import get_pairwise_judge
+
+            return get_pairwise_judge(e.pairwise_judge, model_name_or_path=e.pairwise_judge_model,
+                                      device=_device(self.cfg))
+
         if (out / "metrics.json").exists():
-            return read_json(out / "metrics.json")
+            metrics = read_json(out / "metrics.json")
+            if metrics.get("fa_pending") and (judge := pairwise_judge()) is not None:
+                from lisa_align.evaluation import rejudge_pairwise
+
+                t0 = time.time()
+                metrics = rejudge_pairwise(out, judge)
+                self._timed(f"pairwise judge {key}", t0)
+            return metrics
         from lisa_align.evaluation import evaluate_model, get_judge
 
         t0 = time.time()
-        e = self.cfg.eval
         model, tok = self.load_for_eval(key)
         model.to(_device(self.cfg))
         judge_kwargs = {"model_name_or_path": e.judge_model} if e.judge_model else {}
@@ -230,7 +252,8 @@ class Pipeline:
             model, tok, out_dir=out, judge=get_judge(e.judge, **judge_kwargs), harmful_rows=self.data.eval_harmful,
             task_rows=self.data.eval_task, task=self.cfg.data.task, benign_rows=self.data.eval_benign or None,
             batch_size=e.batch_size, max_new_tokens_harmful=e.max_new_tokens_harmful,
-            max_new_tokens_task=e.max_new_tokens_task, max_new_tokens_benign=e.max_new_tokens_benign)
+            max_new_tokens_task=e.max_new_tokens_task, max_new_tokens_benign=e.max_new_tokens_benign,
+            pairwise_judge=pairwise_judge())
         self._timed(f"evaluate {key}", t0)
         return metrics
 

@@ -132,7 +132,7 @@ def collect(root: str | Path) -> Report:
                          "k1": k1, "k2": k2, "seed": cfg.seed, "hs": m.get("hs"), "fa": m.get("fa"),
                          "over_refusal": m.get("over_refusal"), "label": key, "model": cfg.model.name,
                          "task": cfg.data.task, "judge": judge, "setting": setting,
-                         "run": str(run.relative_to(root))})
+                         "run": str(run.relative_to(root)) if run != root else root.name})
             if lisa is not None:
                 curve = _drift_curve(run, key)
                 if curve:

@@ -1,6 +1,7 @@
-"""Evaluation: batched greedy generation, harmfulness judges, task scoring, metrics files."""
+"""Evaluation: batched greedy generation, harmfulness judges, task scoring, pairwise (win-rate)
+judges, metrics files."""
 
-from lisa_align.evaluation.evaluate import evaluate_model, rejudge, row_categories
+from lisa_align.evaluation.evaluate import FA_PENDING, evaluate_model, rejudge, rejudge_pairwise, row_categories
 from lisa_align.evaluation.generation import generate, generate_one_by_one
 from lisa_align.evaluation.judges import (
     BEAVERDAM_TEMPLATE,
@@ -18,6 +19,15 @@ from lisa_align.evaluation.judges import (
     is_refusal,
     parse_llama_guard,
 )
+from lisa_align.evaluation.pairwise import (
+    PAIRWISE_JUDGES,
+    PAIRWISE_TEMPLATE,
+    LocalPairwiseJudge,
+    PairwiseJudge,
+    get_pairwise_judge,
+    register_pairwise_judge,
+    win_rate,
+)
 from lisa_align.evaluation.tasks import (
     AGNEWS_LABELS,
     SST2_LABELS,
@@ -32,6 +42,8 @@ from lisa_align.evaluation.tasks import (
 )
 
 __all__ = [
+    "FA_PENDING", "PAIRWISE_JUDGES", "PAIRWISE_TEMPLATE", "LocalPairwiseJudge", "PairwiseJudge",
+    "get_pairwise_judge", "register_pairwise_judge", "rejudge_pairwise", "win_rate",
     "LLAMA_GUARD_CATEGORIES", "LlamaGuardJudge", "cohen_kappa", "parse_llama_guard",
     "AGNEWS_LABELS",
     "BEAVERDAM_TEMPLATE",

@@ -7,6 +7,10 @@ Outputs (all written atomically) under ``out_dir``:
 * ``metrics.json``: ``hs``, ``fa``, ``over_refusal`` (percentages; None for a set not given),
   ``n_harmful``, ``n_task``, ``n_benign``, ``hs_by_category``, ``judge`` and a few extras.
 
+For a pairwise task (``alpaca_eval``) FA is the win rate of the answers over the rows' reference
+outputs, by a pairwise judge (``win_rate``, ``pairwise_judge``); without a judge the generations are
+saved, ``fa`` is None and ``fa_pending`` says how to judge them later (:func:`rejudge_pairwise`).
+
 ``hs_by_category`` counts flagged answers per *prompt* category (the row's ``category`` field);
 ``n_by_category`` holds the number of prompts per category, so per-category HS is
 ``100 * hs_by_category[c] / n_by_category[c]``. ``judge_categories`` counts the categories the judge
@@ -24,13 +28,16 @@ from lisa_align.data.templates import format_prompt
 from lisa_align.errors import LisaError
 from lisa_align.evaluation.generation import generate
 from lisa_align.evaluation.judges import BEAVERTAILS_CATEGORIES, Judge, Verdict, get_judge, is_refusal
+from lisa_align.evaluation.pairwise import PairwiseJudge, get_pairwise_judge, win_rate
 from lisa_align.evaluation.tasks import get_task
 from lisa_align.io import atomic_write_json, atomic_write_jsonl, read_json
 
-__all__ = ["evaluate_model", "rejudge", "row_categories"]
+__all__ = ["evaluate_model", "rejudge", "rejudge_pairwise", "row_categories", "FA_PENDING"]
 
 PREDICTIONS_DIR = "predictions"
 METRICS_FILE = "metrics.json"
+FA_PENDING = ("no pairwise judge: generations saved in predictions/task.jsonl; judge them with "
+              "lisa evaluate RUN_DIR --pairwise-judge-model PATH (or rejudge_pairwise(EVAL_DIR, judge))")
 
 
 def row_categories(category: Any) -> list[str]:
@@ -67,6 +74,33 @@ def _resolve_judge(judge: Judge | str | None) -> Judge:
     if judge is None:
         raise LisaError("harmful rows were given but no judge: pass judge='refusal' or 'beaverdam'")
     return get_judge(judge) if isinstance(judge, str) else judge
+
+
+def _resolve_pairwise_judge(judge: PairwiseJudge | str) -> PairwiseJudge:
+    return get_pairwise_judge(judge) if isinstance(judge, str) else judge
+
+
+def _check_references(rows: Sequence[Mapping[str, Any]], name: str, field: str) -> None:
+    for i, row in enumerate(rows):
+        if not str(row.get(field) or "").strip():
+            raise LisaError(f"{name} row {i} has no reference '{field}': a pairwise task compares each answer "
+                            "with its row's reference output")
+
+
+def _apply_preferences(records: list[dict[str, Any]], preferences: list[float], judge_name: str) -> None:
+    if len(preferences) != len(records):
+        raise LisaError(f"pairwise judge '{judge_name}' returned {len(preferences)} preferences for "
+                        f"{len(records)} answers")
+    for r, p in zip(records, preferences):
+        r["preference"] = float(p)
+        r["pairwise_judge"] = judge_name
+
+
+def _pairwise_summary(records: list[dict[str, Any]], judge: PairwiseJudge) -> dict[str, Any]:
+    """FA (= win rate) metrics from records that hold a ``preference``."""
+    rate = win_rate([r["preference"] for r in records])
+    return {"fa": rate, "win_rate": rate, "n_task": len(records), "pairwise_judge": judge.name,
+            "pairwise_judge_model": getattr(judge, "model_name_or_path", None)}
 
 
 def _harmful_summary(records: list[dict[str, Any]], judge_name: str) -> dict[str, Any]:
@@ -117,12 +151,16 @@ def evaluate_model(
     max_new_tokens_harmful: int = 512,
     max_new_tokens_task: int = 200,
     max_new_tokens_benign: int = 128,
+    pairwise_judge: PairwiseJudge | str | None = None,
 ) -> dict[str, Any]:
     """Generate answers for each given set, score them, write predictions and ``metrics.json``.
 
     * harmful rows: Alpaca prompt without input from ``instruction``; the judge sees the raw
       instruction as the user prompt. HS = 100 x flagged / total.
     * task rows: Alpaca prompt with the row's input; FA = 100 x correct / total (``score_task``).
+      For a pairwise task (``alpaca_eval``: rows with ``instruction`` and the reference ``output``)
+      FA = the win rate by ``pairwise_judge`` (each record gets its ``preference``); without a
+      pairwise judge FA is None and ``fa_pending`` is set (judge later with :func:`rejudge_pairwise`).
     * benign rows: over_refusal = 100 x share of answers that :func:`is_refusal`.
 
     Returns the metrics dict (the content of ``metrics.json``).
@@ -139,8 +177,16 @@ def evaluate_model(
     task_spec = None
     if task_rows:
         if task is None:
-            raise LisaError("task rows were given without a task name: pass task='sst2', 'agnews' or 'gsm8k'")
+            raise LisaError("task rows were given without a task name: "
+                            "pass task='sst2', 'agnews', 'gsm8k' or 'alpaca_eval'")
         task_spec = get_task(task)
+        if task_spec.pairwise:
+            _check_references(task_rows, "task", "output")
+        elif pairwise_judge is not None:
+            raise LisaError(f"a pairwise judge was given but task '{task_spec.name}' is scored per answer; "
+                            "pairwise judges apply to alpaca_eval")
+    pairwise_obj = (_resolve_pairwise_judge(pairwise_judge)
+                    if task_spec is not None and task_spec.pairwise and pairwise_judge is not None else None)
     # The judge is only built (a 7B model for BeaverDam) when there is something to judge.
     judge_obj = _resolve_judge(judge) if harmful_rows else None
     judge_name = judge if isinstance(judge, str) or judge is None else judge.name
@@ -180,7 +226,33 @@ def evaluate_model(
         atomic_write_jsonl(pred_dir / "harmful.jsonl", records)
         metrics.update(_harmful_summary(records, judge_name))
 
-    if task_rows:
+    if task_rows and task_spec.pairwise:
+        prompts = [format_prompt(str(r["instruction"]), r.get("input") or None) for r in task_rows]
+        answers = generate(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens_task, batch_size=batch_size, desc=task_spec.name
+        )
+        records = [
+            {
+                "instruction": row["instruction"],
+                "input": row.get("input") or "",
+                "prompt": prompt,
+                "answer": ans,
+                "reference": str(row["output"]),
+            }
+            for row, prompt, ans in zip(task_rows, prompts, answers)
+        ]
+        # The generations are kept even if the judge fails afterwards.
+        atomic_write_jsonl(pred_dir / "task.jsonl", records)
+        metrics.update({"n_task": len(records), "win_rate": None, "pairwise_judge": None})
+        if pairwise_obj is None:
+            metrics["fa_pending"] = FA_PENDING
+        else:
+            preferences = pairwise_obj.compare([str(r["instruction"]) for r in records], answers,
+                                               [r["reference"] for r in records])
+            _apply_preferences(records, preferences, pairwise_obj.name)
+            atomic_write_jsonl(pred_dir / "task.jsonl", records)
+            metrics.update(_pairwise_summary(records, pairwise_obj))
+    elif task_rows:
         prompts = [format_prompt(str(r["instruction"]), r.get("input") or None) for r in task_rows]
         answers = generate(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens_task, batch_size=batch_size, desc=task_spec.name
@@ -263,5 +335,39 @@ def rejudge(out_dir: str | os.PathLike, judge: Judge | str) -> dict[str, Any]:
     metrics_path = out / METRICS_FILE
     metrics = read_json(metrics_path) if metrics_path.is_file() else {}
     metrics.update(_harmful_summary(records, judge_obj.name))
+    atomic_write_json(metrics_path, metrics)
+    return metrics
+
+
+def rejudge_pairwise(out_dir: str | os.PathLike, judge: PairwiseJudge | str) -> dict[str, Any]:
+    """Judge the saved task predictions of a pairwise task (``alpaca_eval``) with ``judge``: no generation.
+
+    Reads ``out_dir/predictions/task.jsonl`` (answers and references), rewrites it with each
+    record's ``preference`` and updates ``fa`` (= ``win_rate``), ``pairwise_judge`` and
+    ``pairwise_judge_model`` in ``metrics.json`` (dropping ``fa_pending``); other metrics are kept.
+    Both files are written atomically. Returns the metrics.
+    """
+    out = Path(out_dir)
+    path = out / PREDICTIONS_DIR / "task.jsonl"
+    if not path.is_file():
+        raise LisaError(f"no saved task predictions at {path}: run the evaluation first")
+    metrics_path = out / METRICS_FILE
+    metrics = read_json(metrics_path) if metrics_path.is_file() else {}
+    task = metrics.get("task")
+    if task is not None and not get_task(task).pairwise:
+        raise LisaError(f"{out}: task '{task}' is scored per answer, not by a pairwise judge; "
+                        "pairwise judges apply to alpaca_eval runs")
+    records = _read_jsonl(path)
+    if not records:
+        raise LisaError(f"{path} holds no predictions: run the evaluation again")
+    _check_references(records, str(path), "reference")
+    judge_obj = _resolve_pairwise_judge(judge)
+    preferences = judge_obj.compare([str(r["instruction"]) for r in records],
+                                    [str(r.get("answer") or "") for r in records],
+                                    [str(r["reference"]) for r in records])
+    _apply_preferences(records, preferences, judge_obj.name)
+    atomic_write_jsonl(path, records)
+    metrics.pop("fa_pending", None)
+    metrics.update(_pairwise_summary(records, judge_obj))
     atomic_write_json(metrics_path, metrics)
     return metrics

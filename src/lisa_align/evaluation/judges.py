@@ -138,7 +138,8 @@ def _device_and_dtype(device: Any, dtype: Any):
     return device, dtype
 
 
-def _load_judge_model(path: str, model_cls, dtype, expected: str, **tokenizer_kwargs):
+def _load_judge_model(path: str, model_cls, dtype, expected: str, *, trust_remote_code: bool = False,
+                      **tokenizer_kwargs):
     """(tokenizer, model) of a judge from a local folder or a HF id, with one-line errors."""
     from transformers import AutoTokenizer
 
@@ -147,8 +148,9 @@ def _load_judge_model(path: str, model_cls, dtype, expected: str, **tokenizer_kw
     if looks_local and not os.path.exists(os.path.expanduser(path)):
         raise LisaError(not_found)  # a local path: do not ask the Hub about it
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **tokenizer_kwargs)
-        model = model_cls.from_pretrained(path, dtype=dtype)
+        remote = {"trust_remote_code": True} if trust_remote_code else {}
+        tokenizer = AutoTokenizer.from_pretrained(path, **remote, **tokenizer_kwargs)
+        model = model_cls.from_pretrained(path, dtype=dtype, **remote)
     except (OSError, ValueError) as err:
         detail = (str(err).strip().splitlines() or [""])[0][:200]
         if os.path.isdir(os.path.expanduser(path)):

@@ -7,6 +7,9 @@ Rules (design.md, "Metrics"):
   is ignored, because a word-level tokenizer decodes ``Sci/Tech`` as ``sci / tech``.
 * GSM8K: the first number after "The final answer is:" if the answer has that phrase, else the last
   number in the answer, must equal the reference number (``1,234`` == ``1234``, ``18.0`` == ``18``).
+* AlpacaEval: no per-answer rule; the answer is compared with the reference output by a pairwise
+  LLM judge (:mod:`lisa_align.evaluation.pairwise`) and FA is the win rate. Its task has
+  ``pairwise=True`` and :meth:`Task.score` refuses it.
 
 New tasks plug in through :data:`TASKS` (see :func:`register_task`).
 """
@@ -118,14 +121,19 @@ def gsm8k_reference(answer: str) -> str | None:
 @dataclass(frozen=True)
 class Task:
     """A scored task: ``parse`` turns a model answer into a canonical prediction (None if it cannot),
-    ``reference`` turns a row's ``output`` into the canonical expected value."""
+    ``reference`` turns a row's ``output`` into the canonical expected value. A ``pairwise`` task
+    has no per-answer score: its answers are judged against the reference by a pairwise judge."""
 
     name: str
     parse: Callable[[str], str | None]
     reference: Callable[[str], str | None]
+    pairwise: bool = False
 
     def score(self, prediction: str, reference: str) -> bool:
         """True iff the parsed prediction equals the parsed reference."""
+        if self.pairwise:
+            raise LisaError(f"task '{self.name}' has no per-answer score: its answers are compared with the "
+                            "reference by a pairwise judge (win rate); use evaluate_model(pairwise_judge=...)")
         parsed = self.parse(prediction)
         return parsed is not None and parsed == self.reference(reference)
 
@@ -154,6 +162,13 @@ def register_task(task: Task) -> Task:
 register_task(_label_task("sst2", SST2_LABELS))
 register_task(_label_task("agnews", AGNEWS_LABELS))
 register_task(Task(name="gsm8k", parse=parse_gsm8k, reference=gsm8k_reference))
+
+
+def _text(text: str) -> str | None:
+    return str(text).strip() or None
+
+
+register_task(Task(name="alpaca_eval", parse=_text, reference=_text, pairwise=True))
 
 
 def get_task(task: str) -> Task:
