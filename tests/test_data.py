@@ -399,6 +399,18 @@ def test_local_files_load_same_rows(tmp_path, kind, raw, expected):
     path = _write(tmp_path / f"data.{kind}", raw, kind)
     assert load_rows(SourceSpec(source=str(path))) == expected
     assert load_rows(SourceSpec(source=str(path), n=1)) == expected[:1]
+    assert load_rows(SourceSpec(source=str(path), skip=1)) == expected[1:]
+    assert load_rows(SourceSpec(source=str(path), skip=1, n=1)) == expected[1:2]
+
+
+def test_skip_leaves_out_the_first_rows_and_refuses_to_leave_none(tmp_path):
+    path = _write(tmp_path / "data.jsonl", ALPACA_RAW, "jsonl")
+    with pytest.raises(LisaError, match=f"skip={len(ALPACA_RAW)} leaves none"):
+        load_rows(SourceSpec(source=str(path), skip=len(ALPACA_RAW)))
+    with pytest.raises(LisaError, match="and skip=1; lower n"):
+        load_rows(SourceSpec(source=str(path), skip=1, n=len(ALPACA_RAW)))
+    rows = load_rows(SourceSpec(source="synthetic:alpaca", split="eval"))
+    assert load_rows(SourceSpec(source="synthetic:alpaca", split="eval", skip=700)) == rows[700:]
 
 
 def test_local_json_split_dict(tmp_path):

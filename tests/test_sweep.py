@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -23,6 +24,8 @@ def test_grid_expansion_and_aliases():
     assert expand(parse_grid(["finetune.lisa.rho=1,10"]))[1] == ("finetune.lisa.rho=10", ["finetune.lisa.rho=10"])
     with pytest.raises(LisaError, match="key=v1,v2"):
         parse_grid(["p"])
+    with pytest.raises(LisaError, match="plain scalars"):
+        parse_grid(["method={name: lisa, k1: 10}"])
 
 
 @pytest.fixture
@@ -57,11 +60,15 @@ def test_local_sweep_runs_aligns_once_and_skips_finished(config, capsys):
     assert main(["sweep", str(config), "--grid", "method=sft,bso", "p=0,0.25"]) == 0
     again = capsys.readouterr().out
     assert again.count("finished, skipped") == 4 and "[lisa] finetune" not in again
+    # a finished run of another config is never passed off as this sweep's result
+    assert main(["sweep", str(config), "--grid", "method=sft", "p=0", "--set", "finetune.lr=0.002"]) == 2
+    err = capsys.readouterr().err
+    assert "different config" in err and "finetune.lr: 0.001 -> 0.002" in err
 
 
 def test_slurm_array_script(config, capsys):
     assert main(["sweep", str(config), "--grid", "p=0,0.1,0.2", "--launcher", "slurm",
-                 "--set", "slurm.gpus=2", "slurm.time=02:00:00"]) == 0
+                 "--set", "slurm.gpus=2", "--set", "slurm.time=02:00:00"]) == 0  # repeated --set adds up
     out = capsys.readouterr().out
     root = config.parent / "runs" / "micro"
     script = (root / "sweep.sbatch").read_text()
@@ -88,11 +95,90 @@ def test_grid_from_the_config(config):
         plan(str(config), [])
 
 
-@pytest.mark.parametrize("path, n_runs", [("configs/embedded/table3.yaml", 12),
-                                           ("configs/paper/table3-sst2-poison-ratio.yaml", 20)])
-def test_shipped_sweep_configs_expand(path, n_runs):
-    from pathlib import Path
+REPO = Path(__file__).resolve().parents[1]
+FOUR = ["sft", "vlguard", "bso", "lisa"]
+TABLE6 = ["na_sft", "sft", "vlguard", "bso", "lisa"]
+TABLE2_PAPER = [f"k1-{a}_k2-{1000 - a}" for a in (1000, 900, 700, 500, 300, 100, 0)]
+TABLE2_EMBEDDED = [f"k1-{a}_k2-{60 - a}" for a in (60, 54, 42, 30, 18, 6, 0)]
+# Every config under configs/paper and configs/embedded: the grid it is planned with (None: its own
+# sweep.grid), the number of runs, and the method keys (run folders) its runs fine-tune.
+SHIPPED = {
+    "configs/paper/llama2-7b-sst2.yaml": (["seed=42"], 1, ["sft", "bso", "lisa"]),  # one run, no sweep.grid
+    "configs/paper/table2-k1k2-steps.yaml": (None, 1, TABLE2_PAPER),
+    "configs/paper/table3-sst2-poison-ratio.yaml": (None, 4 * 5, FOUR),
+    "configs/paper/table4-sample-number.yaml": (None, 6 * 5, ["na_sft", "sft", "ewc", "vlguard", "bso", "lisa"]),
+    "configs/paper/table5-models.yaml": (None, 2 * 5, TABLE6),
+    "configs/paper/table5-opt.yaml": (None, 5, TABLE6),
+    "configs/paper/table6-sst2.yaml": (None, 5, TABLE6),
+    "configs/paper/table6-agnews.yaml": (None, 5, TABLE6),
+    "configs/paper/table6-gsm8k.yaml": (None, 5, TABLE6),
+    "configs/paper/table6-alpacaeval.yaml": (None, 5, TABLE6),
+    "configs/paper/table9-rho.yaml": (None, 7, ["lisa"]),
+    "configs/embedded/table2.yaml": (None, 1, TABLE2_EMBEDDED),
+    "configs/embedded/table3.yaml": (None, 4 * 3, FOUR),
+    "configs/embedded/table4.yaml": (None, 6 * 5, ["na_sft", "sft", "ewc", "vlguard", "bso", "lisa"]),
+    "configs/embedded/table5.yaml": (None, 3 * 5, TABLE6),
+    "configs/embedded/table6-sst2.yaml": (None, 5, TABLE6),
+    "configs/embedded/table6-agnews.yaml": (None, 5, TABLE6),
+    "configs/embedded/table6-gsm8k.yaml": (None, 5, TABLE6),
+    "configs/embedded/table6-alpacaeval.yaml": (None, 5, TABLE6),
+    "configs/embedded/table9.yaml": (None, 8, ["lisa"]),
+}
 
-    root, runs = plan(str(Path(__file__).resolve().parents[1] / path), [])
+
+def test_every_shipped_config_is_checked():
+    found = {str(p.relative_to(REPO)) for d in ("paper", "embedded") for p in (REPO / "configs" / d).glob("*.yaml")}
+    assert found == set(SHIPPED)
+
+
+@pytest.mark.parametrize("path", list(SHIPPED))
+def test_shipped_sweep_configs_expand(path):
+    grid, n_runs, methods = SHIPPED[path]
+    root, runs = plan(str(REPO / path), grid or [])
     assert len(runs) == n_runs
-    assert {r["finetune"]["methods"][0]["name"] for r in runs} == {"sft", "vlguard", "bso", "lisa"}
+    assert len({r["name"] for r in runs}) == n_runs
+    keys = list(dict.fromkeys(m["label"] or m["name"] for r in runs for m in r["finetune"]["methods"]))
+    assert keys == methods
+    if path.startswith("configs/embedded/"):  # offline: the tiny model and synthetic data only
+        assert all(r["model"]["name"] == "tiny" for r in runs)
+        for r in runs:
+            specs = [r["data"]["user"], r["data"]["harmful"], *r["data"]["alignment"], r["eval"]["harmful"], r["eval"]["task"]]
+            assert all(s["source"].startswith("synthetic:") for s in specs)
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.startswith("configs/embedded/")])
+def test_embedded_sweep_data_fits_the_synthetic_sources(path, monkeypatch):
+    """The largest run of each embedded sweep finds its rows (n within the synthetic sizes, Vlguard's
+    1000 alignment rows), and keeps enough evaluation rows after the overlap with training is dropped."""
+    from lisa_align.config import validate_config
+    from lisa_align.pipeline import load_run_data
+
+    root, runs = plan(str(REPO / path), [])
+    raw = max(runs, key=lambda r: r["data"]["n"])
+    data = load_run_data(validate_config(raw))
+    assert len(data.user) == raw["data"]["n"] and len(data.alignment) >= 1000
+    assert len(data.eval_harmful) == 200 and len(data.eval_task) >= 100
+
+
+def test_shipped_table_grids_hold_the_paper_values():
+    def runs(path):
+        return plan(str(REPO / path), [])[1]
+
+    for path, cycle in (("configs/paper/table2-k1k2-steps.yaml", 1000), ("configs/embedded/table2.yaml", 60)):
+        (run,) = runs(path)
+        assert run["finetune"]["lisa"]["rho"] == 0  # BSO
+        assert all(m["name"] == "lisa" and m["k1"] + m["k2"] == cycle for m in run["finetune"]["methods"])
+    assert [r["data"]["n"] for r in runs("configs/paper/table4-sample-number.yaml")][:5] == [1000, 2000, 3000, 4000, 5000]
+    assert [r["finetune"]["lisa"]["rho"] for r in runs("configs/paper/table9-rho.yaml")] == [0, 0.01, 0.1, 0.5, 1, 5, 10]
+    t5 = runs("configs/paper/table5-models.yaml") + runs("configs/paper/table5-opt.yaml")
+    assert {r["model"]["name"] for r in t5} == {"facebook/opt-2.7b", "meta-llama/Llama-2-7b-hf", "mistralai/Mistral-7B-v0.1"}
+    assert all(r["data"]["task"] == "gsm8k" and r["finetune"]["epochs"] == 50 for r in t5)
+    assert {r["model"]["tiny"]["num_layers"] for r in runs("configs/embedded/table5.yaml")} == {1, 2, 4}
+    for task in ("sst2", "agnews", "gsm8k", "alpacaeval"):
+        for r in runs(f"configs/paper/table6-{task}.yaml"):
+            assert r["model"]["name"] == "mistralai/Mistral-7B-v0.1"
+            assert r["data"]["task"] == task.replace("alpacaeval", "alpaca_eval")
+            assert (r["data"]["n"], r["data"]["p"]) == ((700 if task == "alpacaeval" else 5000), 0.1)
+            assert r["finetune"]["epochs"] == (50 if task == "gsm8k" else 20)
+    (alpaca,) = {json.dumps(r["eval"]) for r in runs("configs/embedded/table6-alpacaeval.yaml")}
+    assert json.loads(alpaca)["pairwise_judge_model"] is None  # embedded: generations only

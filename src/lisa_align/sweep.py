@@ -35,7 +35,12 @@ def parse_grid(items: list[str]) -> list[tuple[str, list]]:
         if "=" not in item:
             raise LisaError(f"grid axis '{item}' must look like key=v1,v2 (e.g. p=0,0.1,0.2)")
         key, values = item.split("=", 1)
-        vals = [yaml.safe_load(v) for v in values.split(",") if v.strip() != ""]
+        try:
+            vals = [yaml.safe_load(v) for v in values.split(",") if v.strip() != ""]
+        except yaml.YAMLError:
+            raise LisaError(f"grid axis '{key}': values are plain scalars separated by commas (got '{values}'); "
+                            "to vary several method settings together, list labelled methods in "
+                            "finetune.methods instead") from None
         if not vals:
             raise LisaError(f"grid axis '{key}' has no values")
         axes.append((key.strip(), vals))

@@ -45,7 +45,8 @@ class SourceSpec(BaseModel):
     subset: str | None = Field(None, description="HF config name (e.g. 'main' for openai/gsm8k)")
     format: str = Field("auto", description="beavertails | sst2 | agnews | gsm8k | alpaca | auto")
     filter: Literal["safe", "unsafe"] | None = Field(None, description="keep BeaverTails rows by is_safe")
-    n: int | None = Field(None, description="take the first n rows (after the filter)")
+    skip: int = Field(0, ge=0, description="leave out the first rows (after the filter), e.g. rows used for training")
+    n: int | None = Field(None, description="take the first n rows (after the filter and skip)")
     seed: int = Field(0, description="generator seed (synthetic sources only)")
     size: int | None = Field(None, description="rows to generate (synthetic sources only)")
 
@@ -73,6 +74,10 @@ def load_rows(spec: SourceSpec) -> list[dict]:
                             "remove the filter or use format: beavertails")
         want = spec.filter == "safe"
         rows = [r for r in rows if r["is_safe"] == want]
+    if spec.skip:
+        if spec.skip >= len(rows):
+            raise LisaError(f"{where}: skip={spec.skip} leaves none of the {len(rows)} rows; lower skip")
+        rows = rows[spec.skip:]
     if not rows:
         raise LisaError(f"{where}: no rows{' after filter ' + spec.filter if spec.filter else ''}; "
                         "check the file or split")
@@ -81,7 +86,8 @@ def load_rows(spec: SourceSpec) -> list[dict]:
             raise LisaError(f"{where}: n={spec.n} must be positive; set n: to the number of rows to take, or remove it")
         if spec.n > len(rows):
             raise LisaError(f"{where}: n={spec.n} asks for more rows than the {len(rows)} available"
-                            f"{' after filter ' + spec.filter if spec.filter else ''}; lower n")
+                            f"{' after filter ' + spec.filter if spec.filter else ''}"
+                            f"{f' and skip={spec.skip}' if spec.skip else ''}; lower n")
         rows = rows[: spec.n]
     return rows
 
