@@ -683,6 +683,47 @@ def test_rho_zero_is_bso(tmp_path, base_model, monkeypatch):
         assert all(torch.equal(p.grad, x) for p, x in zip(params, g0))
 
 
+@pytest.mark.parametrize("ga, reduction", [(1, "example"), (2, "example"), (2, "token")])
+def test_proximal_in_the_loss_equals_the_fused_gradient(tmp_path, base_model, ga, reduction):
+    """The loss mode (used under DeepSpeed, whose gradients live in its own buffers) trains the same
+    weights as the fused gradient mode, with and without gradient accumulation."""
+    def run(mode):
+        args = lisa_args(tmp_path, rho=5.0, proximal_mode=mode, gradient_accumulation_steps=ga,
+                         per_device_train_batch_size=2 // ga if ga <= 2 else 1, loss_reduction=reduction)
+        trainer = lisa_trainer(copy.deepcopy(base_model), args, n_user=10)
+        trainer.train()
+        return trainer
+
+    grad, loss = run("grad"), run("loss")
+    assert not grad.proximal_in_loss and loss.proximal_in_loss
+    assert max_diff(trainable(grad.model), trainable(base_model)) > 1e-2
+    assert max_diff(trainable(grad.model), trainable(loss.model)) < 1e-5
+    assert run("auto").proximal_in_loss is False  # no DeepSpeed here: the fused gradient
+
+
+def test_deepspeed_zero3_is_refused_and_zero2_puts_the_term_in_the_loss(tmp_path, base_model, monkeypatch):
+    from types import SimpleNamespace
+
+    stage = {"value": 3}
+
+    def fake_stage(self):
+        return stage["value"]
+
+    monkeypatch.setattr(LisaTrainer, "deepspeed_zero_stage", fake_stage)
+    with pytest.raises(LisaError, match="ZeRO-3.*ZeRO-2, FSDP2 or DDP"):
+        lisa_trainer(copy.deepcopy(base_model), lisa_args(tmp_path))
+    stage["value"] = 2
+    assert lisa_trainer(copy.deepcopy(base_model), lisa_args(tmp_path)).proximal_in_loss
+    assert not lisa_trainer(copy.deepcopy(base_model), lisa_args(tmp_path, proximal_mode="grad")).proximal_in_loss
+    monkeypatch.undo()
+    t = lisa_trainer(copy.deepcopy(base_model), lisa_args(tmp_path))
+    t.is_deepspeed_enabled = True
+    monkeypatch.setattr(type(t.accelerator.state), "deepspeed_plugin", SimpleNamespace(zero_stage=3), raising=False)
+    assert t.deepspeed_zero_stage() == 3
+    with pytest.raises(LisaError, match="proximal_mode='sum'"):
+        lisa_args(tmp_path, proximal_mode="sum")
+
+
 # --------------------------------------------------------------------------------------------------
 # 8. per_example_loss
 # --------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from lisa_align.errors import LisaError
 from lisa_align.io import append_jsonl, atomic_write_json, atomic_write_yaml, read_json
 
 log = logging.getLogger(__name__)
+DIST_TIMEOUT_HOURS = 12
 
 
 @dataclass
@@ -79,10 +81,20 @@ def _use_cpu(cfg: RunConfig) -> bool:
 
 
 class Pipeline:
+    """The run's stages. Under ``accelerate launch`` (or torchrun) every process trains, through the
+    Trainer's data parallelism; the main process alone writes files and evaluates, and the others
+    wait for it at the end of each stage."""
+
     def __init__(self, cfg: RunConfig, *, force: bool = False, echo=print):
+        from accelerate import PartialState
+
         self.cfg = cfg
         self.run_dir = cfg.run_dir
-        self.echo = echo
+        # The process group when launched on several processes. Its timeout covers the main process's
+        # evaluation, which the others wait for (generation with a 7B model can take over an hour).
+        self.dist = PartialState(cpu=_use_cpu(cfg), timeout=timedelta(hours=DIST_TIMEOUT_HOURS))
+        self.is_main = self.dist.is_main_process
+        self.echo = echo if self.is_main else (lambda *a, **k: None)
         self.log_path = self.run_dir / "log.jsonl"
         self._data: RunData | None = None
         self._check_config(force)
@@ -93,18 +105,23 @@ class Pipeline:
         if diff and not force:
             raise LisaError(f"{self.run_dir} holds a run with a different config ({'; '.join(diff[:5])}); "
                             "use another name/output_dir, or --force to reuse its finished stages anyway")
-        atomic_write_yaml(self.run_dir / "config.yaml", config_to_dict(self.cfg))
+        if self.is_main:
+            atomic_write_yaml(self.run_dir / "config.yaml", config_to_dict(self.cfg))
+
+    def _log(self, record: dict) -> None:
+        if self.is_main:
+            append_jsonl(self.log_path, record)
 
     def _timed(self, stage: str, t0: float) -> None:
         dt = time.time() - t0
-        append_jsonl(self.log_path, {"event": "stage_done", "stage": stage, "seconds": round(dt, 2)})
+        self._log({"event": "stage_done", "stage": stage, "seconds": round(dt, 2)})
         self.echo(f"[lisa] {stage}: {dt:.1f}s")
 
     @property
     def data(self) -> RunData:
         if self._data is None:
             self._data = load_run_data(self.cfg)
-            append_jsonl(self.log_path, {"event": "data", "user": len(self._data.user),
+            self._log({"event": "data", "user": len(self._data.user),
                                          "harmful_in_user": sum(r["harmful"] for r in self._data.user),
                                          "alignment": len(self._data.alignment),
                                          "eval_harmful": len(self._data.eval_harmful),
@@ -151,9 +168,10 @@ class Pipeline:
         model, _ = train_stage(model, tok, self.data.alignment, self.cfg.align, work, vaccine=vaccine,
                                seed=self.cfg.seed, max_length=self.cfg.data.max_length, use_cpu=_use_cpu(self.cfg),
                                log_path=self.log_path, log_tag="align")
-        model = merge(model)
-        _save_atomically(out, model, tok)
-        shutil.rmtree(work, ignore_errors=True)
+        if self.is_main:
+            _save_atomically(out, merge(model), tok)
+            shutil.rmtree(work, ignore_errors=True)
+        self.dist.wait_for_everyone()
         self._timed("align", t0)
         return str(out)
 
@@ -185,9 +203,11 @@ class Pipeline:
                                      if lisa or method.ewc_strength is not None else None,
                                      use_cpu=_use_cpu(self.cfg), log_path=self.log_path,
                                      log_tag=f"finetune/{method.key}")
-        if lisa is not None:
-            atomic_write_json(root / "lisa_switches.json", trainer.switch_log)
-        _save_atomically(out, model, tok)
+        if self.is_main:
+            if lisa is not None:
+                atomic_write_json(root / "lisa_switches.json", trainer.switch_log)
+            _save_atomically(out, model, tok)
+        self.dist.wait_for_everyone()
         self._timed(f"finetune {method.key}", t0)
         return out
 
@@ -278,10 +298,14 @@ class Pipeline:
             set_seed(self.cfg.seed)
             self.finetune(method)
         summary = {}
-        for key in self.model_keys():
-            m = self.evaluate(key)
-            summary[key] = {"hs": m.get("hs"), "fa": m.get("fa"), "over_refusal": m.get("over_refusal")}
-        atomic_write_json(self.run_dir / "summary.json", summary)
+        if self.is_main:  # generation and judging run in the main process; the others wait
+            for key in self.model_keys():
+                m = self.evaluate(key)
+                summary[key] = {"hs": m.get("hs"), "fa": m.get("fa"), "over_refusal": m.get("over_refusal")}
+            atomic_write_json(self.run_dir / "summary.json", summary)
+        self.dist.wait_for_everyone()
+        if not self.is_main:
+            summary = read_json(self.run_dir / "summary.json")
         self._timed("pipeline", t0)
         return summary
 

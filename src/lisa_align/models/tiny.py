@@ -102,7 +102,10 @@ def build_tiny_base(settings: TinySettings | None = None, *, seed: int = 0, cach
     log.info("building the tiny base model in %s", out)
     tokenizer = build_tokenizer(seed)
     model = build_model(tokenizer, settings, seed)
-    stage = StageSettings(lr=settings.lr, epochs=settings.epochs, batch_size=settings.batch_size, weight_decay=0.0,
+    # Under N data-parallel processes each takes batch/N rows, so the global batch (and the base) stays the same.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device = settings.batch_size // world if world > 1 and settings.batch_size % world == 0 else settings.batch_size
+    stage = StageSettings(lr=settings.lr, epochs=settings.epochs, batch_size=per_device, weight_decay=0.0,
                           scheduler="cosine", warmup_ratio=0.05, lora=None, loss_reduction="example",
                           logging_steps=50)
     work = root / f".{out.name}.{os.getpid()}.work"  # private to this process: concurrent builds never collide

@@ -31,6 +31,9 @@ from lisa_align.training.sampler import BiStateBatchSampler, steps_per_epoch
 from lisa_align.training.schedule import ALIGNMENT, BiStateSchedule, validate_lisa_settings
 from lisa_align.training.sft import SFTTrainer, TrainArguments, model_columns
 
+PROXIMAL_MODES = ("auto", "grad", "loss")
+
+
 @dataclass
 class LisaArguments(TrainArguments):
     k1: int = field(default=100, metadata={"help": "optimizer steps per alignment phase"})
@@ -38,9 +41,15 @@ class LisaArguments(TrainArguments):
     rho: float = field(default=1.0, metadata={"help": "proximal strength; 0 gives BSO"})
     proximal_warmup_ratio: float = field(default=0.1, metadata={"help": "no proximal term while step <= ratio*T"})
     alignment_rows: int | None = field(default=None, metadata={"help": "use the first N alignment rows (None: all)"})
+    proximal_mode: str = field(default="auto", metadata={
+        "help": "grad: add rho*(w - anchor) to .grad after backward (fused, no graph); loss: add the term "
+                "to the loss (autograd; for DeepSpeed, which keeps gradients in its own buffers); "
+                "auto: loss under DeepSpeed, else grad"})
 
     def __post_init__(self):
         validate_lisa_settings(self.k1, self.k2, self.rho, self.proximal_warmup_ratio)
+        if self.proximal_mode not in PROXIMAL_MODES:
+            raise LisaError(f"proximal_mode='{self.proximal_mode}': use one of {', '.join(PROXIMAL_MODES)}")
         super().__post_init__()
 
 
@@ -61,6 +70,13 @@ class LisaTrainer(SFTTrainer):
                                 f"{len(alignment_dataset)} rows; lower alignment_rows")
             alignment_dataset = alignment_dataset.select(range(self.args.alignment_rows))
         self.alignment_dataset = alignment_dataset
+        zero_stage = self.deepspeed_zero_stage()
+        if zero_stage == 3:
+            raise LisaError("Lisa does not support DeepSpeed ZeRO-3 (its parameters are gathered only inside "
+                            "forward/backward, so the anchor and the proximal term cannot see them): use ZeRO-2, "
+                            "FSDP2 or DDP (configs/accelerate/)")
+        mode = self.args.proximal_mode
+        self.proximal_in_loss = mode == "loss" or (mode == "auto" and zero_stage is not None)
         self.schedule: BiStateSchedule | None = None
         self._anchor: list[torch.Tensor] | None = None
         self._begun_step = -1
@@ -131,10 +147,37 @@ class LisaTrainer(SFTTrainer):
     def proximal_active(self, step: int) -> bool:
         return self.args.rho > 0 and self.schedule.proximal_active(step, self.args.proximal_warmup_ratio)
 
+    def deepspeed_zero_stage(self) -> int | None:
+        """The DeepSpeed ZeRO stage this trainer runs under, or None without DeepSpeed."""
+        if not getattr(self, "is_deepspeed_enabled", False):
+            return None
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return int(getattr(plugin, "zero_stage", 0) or 0) if plugin is not None else None
+
     def _apply_proximal(self, step: int) -> None:
-        if not self.proximal_active(step):
+        if self.proximal_in_loss or not self.proximal_active(step):
             return
         add_pull_gradient(self._trainable(), self._anchor, self.args.rho * grad_scale(self.accelerator))
+
+    def proximal_term(self) -> torch.Tensor:
+        """ρ/2·‖w − anchor‖² as a differentiable tensor (the loss mode)."""
+        params = self._trainable()
+        sq = sum(((p - a.to(p.dtype)).float() ** 2).sum() for p, a in zip(params, self._anchor))
+        return 0.5 * self.args.rho * sq
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                   num_items_in_batch=num_items_in_batch, **kwargs)
+        if not (self.proximal_in_loss and model.training and self.proximal_active(self.state.global_step)):
+            return out
+        loss = out[0] if return_outputs else out
+        # Added to every micro-batch's loss: the Trainer divides an unscaled loss by the accumulation
+        # steps, so the step's gradient holds the term once; a loss it will not divide gets 1/GA here.
+        scaled = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else (
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
+        term = self.proximal_term()
+        loss = loss + (term / self.current_gradient_accumulation_steps if scaled else term)
+        return (loss, *out[1:]) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None, **kwargs):
         step = self.state.global_step
