@@ -507,3 +507,42 @@ def test_hf_unknown_id_autodetects_and_passes_subset(fake_hub):
     rows = load_rows(SourceSpec(source="someone/custom", subset="v2", split="train"))
     assert fake_hub == [("someone/custom", "v2", "train", {})]
     assert rows == [{"instruction": "i", "input": "", "output": "o"}]
+
+
+# --------------------------------------------------------------------------------------------------
+# the tokenised-data cache
+# --------------------------------------------------------------------------------------------------
+
+
+def test_tokenized_cache_hits_on_the_same_rows_and_misses_on_any_change(tmp_path, tokenizer, monkeypatch):
+    from lisa_align.data import templates
+    from lisa_align.data.tokenized_cache import cache_key, tokenize_rows_cached
+
+    first, info1 = tokenize_rows_cached(ROWS, tokenizer, 64, cache_dir=tmp_path)
+    calls = []
+    monkeypatch.setattr(templates, "tokenize_rows", lambda *a: calls.append(a) or pytest.fail("tokenised again"))
+    second, info2 = tokenize_rows_cached([dict(r) for r in ROWS], tokenizer, 64, cache_dir=tmp_path)
+    assert (info1["cached"], info2["cached"], info2["rows"]) == (False, True, len(ROWS))
+    assert second.to_list() == first.to_list() == tokenize_rows(ROWS, tokenizer, 64).to_list()
+    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 1  # no temp folders left
+    key = cache_key(ROWS, tokenizer, 64)
+    changed = [dict(ROWS[0], output=ROWS[0]["output"] + " more"), *ROWS[1:]]
+    assert cache_key(ROWS, tokenizer, 32) != key and cache_key(changed, tokenizer, 64) != key
+    assert cache_key(ROWS[::-1], tokenizer, 64) != key  # the order is the data order
+    other = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, unk_token="<unk>", pad_token="<pad>",
+                                    bos_token="<s>", eos_token="<unk>")
+    assert cache_key(ROWS, other, 64) != key  # another EOS: other labels
+
+
+def test_tokenized_cache_rebuilds_a_damaged_entry_and_can_be_turned_off(tmp_path, tokenizer, monkeypatch):
+    from lisa_align.data.tokenized_cache import cache_key, tokenize_rows_cached
+
+    tokenize_rows_cached(ROWS, tokenizer, 64, cache_dir=tmp_path)
+    entry = tmp_path / cache_key(ROWS, tokenizer, 64)
+    for f in entry.glob("*.arrow"):
+        f.write_bytes(b"not arrow")
+    ds, info = tokenize_rows_cached(ROWS, tokenizer, 64, cache_dir=tmp_path)
+    assert not info["cached"] and ds.to_list() == tokenize_rows(ROWS, tokenizer, 64).to_list()
+    assert tokenize_rows_cached(ROWS, tokenizer, 64, cache_dir=tmp_path)[1]["cached"]
+    monkeypatch.setenv("LISA_ALIGN_TOKENIZED_CACHE", "0")
+    assert not tokenize_rows_cached(ROWS, tokenizer, 64, cache_dir=tmp_path)[1]["cached"]

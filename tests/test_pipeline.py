@@ -58,6 +58,12 @@ def test_micro_pipeline_end_to_end_and_reuse(tmp_path):
     for key, m in summary.items():
         assert 0 <= m["hs"] <= 100 and 0 <= m["fa"] <= 100 and 0 <= m["over_refusal"] <= 100, key
     assert json.loads((run / "summary.json").read_text()) == summary
+    # the alignment rows are tokenised once (align stage), the user rows once for the three methods
+    events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    tok = {(e["stage"], e["part"]): e["cached"] for e in events if e.get("event") == "tokenize"}
+    assert (tok[("align", "train")], tok[("finetune/sft", "train")]) == (False, False)
+    assert tok[("finetune/bso", "train")] is tok[("finetune/lisa", "train")] is True
+    assert tok[("finetune/bso", "alignment")] is tok[("finetune/lisa", "alignment")] is True
     assert yaml.safe_load((run / "config.yaml").read_text())["finetune"]["lisa"]["k1"] == 2
     assert (run / "aligned" / "model.safetensors").exists()
     for key in ("sft", "bso", "lisa"):

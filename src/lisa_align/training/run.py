@@ -10,6 +10,8 @@ from transformers.trainer_callback import PrinterCallback
 
 from lisa_align.config import LisaSettings, StageSettings
 from lisa_align.data.templates import IGNORE_INDEX, tokenize_rows
+from lisa_align.data.tokenized_cache import tokenize_rows_cached
+from lisa_align.io import append_jsonl
 from lisa_align.models.lora import attach_lora
 from lisa_align.training.callbacks import JsonlLogCallback
 from lisa_align.training.ewc import EWCArguments, EWCTrainer
@@ -43,6 +45,19 @@ def training_arguments(stage: StageSettings, output_dir: str | Path, *, seed: in
                          proximal_warmup_ratio=lisa.proximal_warmup_ratio)
 
 
+def _tokenized(rows, tokenizer, max_length: int, log_path, log_tag: str, part: str):
+    """Tokenised rows through the disk cache; the time it took goes to the run log."""
+    if not rows:
+        return tokenize_rows(rows, tokenizer, max_length)
+    ds, info = tokenize_rows_cached(rows, tokenizer, max_length)
+    if log_path:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            append_jsonl(log_path, {"event": "tokenize", "stage": log_tag, "part": part, **info})
+    return ds
+
+
 def train_stage(model, tokenizer, rows: list[dict], stage: StageSettings, output_dir: str | Path, *,
                 seed: int, max_length: int, lisa: LisaSettings | None = None, ewc_lambda: float | None = None,
                 vaccine: tuple[float, bool] | None = None,
@@ -58,19 +73,21 @@ def train_stage(model, tokenizer, rows: list[dict], stage: StageSettings, output
         model = attach_lora(model, stage.lora)
     args = training_arguments(stage, output_dir, seed=seed, use_cpu=use_cpu, lisa=lisa, ewc_lambda=ewc_lambda,
                               vaccine=vaccine, save=save_checkpoints)
-    train_ds = tokenize_rows(rows, tokenizer, max_length)
+    train_ds = _tokenized(rows, tokenizer, max_length, log_path, log_tag, "train")
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     callbacks = [JsonlLogCallback(log_path, stage=log_tag)] if log_path else []
     kwargs = dict(model=model, args=args, train_dataset=train_ds, data_collator=collator,
                   processing_class=tokenizer, callbacks=callbacks)
     if ewc_lambda is not None:
-        trainer = EWCTrainer(**kwargs, fisher_dataset=tokenize_rows(alignment_rows or [], tokenizer, max_length))
+        trainer = EWCTrainer(**kwargs, fisher_dataset=_tokenized(alignment_rows or [], tokenizer, max_length,
+                                                                 log_path, log_tag, "fisher"))
     elif vaccine is not None:
         trainer = VaccineTrainer(**kwargs)
     elif lisa is None:
         trainer = SFTTrainer(**kwargs)
     else:
-        align_ds = tokenize_rows(alignment_rows or [], tokenizer, max_length) if alignment_rows else None
+        align_ds = _tokenized(alignment_rows, tokenizer, max_length, log_path, log_tag,
+                              "alignment") if alignment_rows else None
         trainer = LisaTrainer(**kwargs, alignment_dataset=align_ds)
     trainer.remove_callback(PrinterCallback)  # logs go to log.jsonl (and report_to), not stdout
     last = get_last_checkpoint(str(output_dir)) if resume and Path(output_dir).is_dir() else None
