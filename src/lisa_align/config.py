@@ -244,6 +244,10 @@ class EvalSettings(_Strict):
     task: SourceSpec = Field(default_factory=lambda: SourceSpec(source="stanfordnlp/sst2", split="validation", n=872))
     benign: SourceSpec | None = None
     batch_size: int = 32
+    backend: Literal["hf", "vllm"] = Field("hf", description="generation: hf (transformers, batched) or vllm "
+                                           "(pip install 'lisa-align[vllm]'; LoRA adapters served by vLLM)")
+    vllm: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM arguments, e.g. "
+                                 "{gpu_memory_utilization: 0.8, tensor_parallel_size: 2}")
     max_new_tokens_harmful: int = 512
     max_new_tokens_task: int = 200
     max_new_tokens_benign: int = 128

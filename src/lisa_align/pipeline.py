@@ -234,6 +234,22 @@ class Pipeline:
             return load_adapter(model, str(adapter)).merge_and_unload(), tok
         return self._load(str(adapter))
 
+    def vllm_generator(self, key: str):
+        """The vLLM backend for one model: the base/aligned model itself, or a method's start model
+        with its LoRA adapter (a full fine-tune is served as a model)."""
+        from lisa_align.evaluation.vllm_backend import VLLMGenerator
+
+        if key == "base":
+            model_path, adapter = self.base_path(), None
+        elif key == "aligned":
+            model_path, adapter = self.aligned_path(), None
+        else:
+            out = self.run_dir / "finetune" / key / "adapter"
+            lora = (out / "adapter_config.json").exists()
+            model_path, adapter = (self.start_path(self.method(key)), str(out)) if lora else (str(out), None)
+        return VLLMGenerator(model_path, adapter, dtype=self.cfg.model.dtype, trust_remote_code=self.cfg.model.trust_remote_code,
+                             **self.cfg.eval.vllm)
+
     # ---- evaluation -------------------------------------------------------------------------
     def evaluate(self, key: str) -> dict:
         """Evaluate one model (cached in eval/<key>/metrics.json). For a pairwise task (alpaca_eval)
@@ -265,15 +281,20 @@ class Pipeline:
         from lisa_align.evaluation import evaluate_model, get_judge
 
         t0 = time.time()
-        model, tok = self.load_for_eval(key)
-        model.to(_device(self.cfg))
+        if e.backend == "vllm":
+            model = tok = None
+            generator = self.vllm_generator(key)
+        else:
+            model, tok = self.load_for_eval(key)
+            model.to(_device(self.cfg))
+            generator = None
         judge_kwargs = {"model_name_or_path": e.judge_model} if e.judge_model else {}
         metrics = evaluate_model(
             model, tok, out_dir=out, judge=get_judge(e.judge, **judge_kwargs), harmful_rows=self.data.eval_harmful,
             task_rows=self.data.eval_task, task=self.cfg.data.task, benign_rows=self.data.eval_benign or None,
             batch_size=e.batch_size, max_new_tokens_harmful=e.max_new_tokens_harmful,
             max_new_tokens_task=e.max_new_tokens_task, max_new_tokens_benign=e.max_new_tokens_benign,
-            pairwise_judge=pairwise_judge())
+            pairwise_judge=pairwise_judge(), generator=generator)
         self._timed(f"evaluate {key}", t0)
         return metrics
 

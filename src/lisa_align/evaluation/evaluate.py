@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from lisa_align.data.templates import format_prompt
 from lisa_align.errors import LisaError
@@ -152,6 +152,7 @@ def evaluate_model(
     max_new_tokens_task: int = 200,
     max_new_tokens_benign: int = 128,
     pairwise_judge: PairwiseJudge | str | None = None,
+    generator: Callable[..., list[str]] | None = None,
 ) -> dict[str, Any]:
     """Generate answers for each given set, score them, write predictions and ``metrics.json``.
 
@@ -163,8 +164,14 @@ def evaluate_model(
       pairwise judge FA is None and ``fa_pending`` is set (judge later with :func:`rejudge_pairwise`).
     * benign rows: over_refusal = 100 x share of answers that :func:`is_refusal`.
 
+    ``generator(prompts, max_new_tokens=..., desc=...)`` replaces the Hugging Face generation (e.g. the
+    vLLM backend); ``model`` and ``tokenizer`` are then unused.
+
     Returns the metrics dict (the content of ``metrics.json``).
     """
+    if generator is None:
+        def generator(prompts, *, max_new_tokens, desc):
+            return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
     out = Path(out_dir)
     pred_dir = out / PREDICTIONS_DIR
     harmful_rows = list(harmful_rows or [])
@@ -208,9 +215,7 @@ def evaluate_model(
     if harmful_rows:
         instructions = [str(r["instruction"]) for r in harmful_rows]
         prompts = [format_prompt(i) for i in instructions]
-        answers = generate(
-            model, tokenizer, prompts, max_new_tokens=max_new_tokens_harmful, batch_size=batch_size, desc="harmful"
-        )
+        answers = generator(prompts, max_new_tokens=max_new_tokens_harmful, desc="harmful")
         records = [
             {
                 "instruction": ins,
@@ -228,9 +233,7 @@ def evaluate_model(
 
     if task_rows and task_spec.pairwise:
         prompts = [format_prompt(str(r["instruction"]), r.get("input") or None) for r in task_rows]
-        answers = generate(
-            model, tokenizer, prompts, max_new_tokens=max_new_tokens_task, batch_size=batch_size, desc=task_spec.name
-        )
+        answers = generator(prompts, max_new_tokens=max_new_tokens_task, desc=task_spec.name)
         records = [
             {
                 "instruction": row["instruction"],
@@ -254,9 +257,7 @@ def evaluate_model(
             metrics.update(_pairwise_summary(records, pairwise_obj))
     elif task_rows:
         prompts = [format_prompt(str(r["instruction"]), r.get("input") or None) for r in task_rows]
-        answers = generate(
-            model, tokenizer, prompts, max_new_tokens=max_new_tokens_task, batch_size=batch_size, desc=task_spec.name
-        )
+        answers = generator(prompts, max_new_tokens=max_new_tokens_task, desc=task_spec.name)
         records = []
         correct = 0
         for row, prompt, ans in zip(task_rows, prompts, answers):
@@ -280,9 +281,7 @@ def evaluate_model(
 
     if benign_rows:
         prompts = [format_prompt(str(r["instruction"]), r.get("input") or None) for r in benign_rows]
-        answers = generate(
-            model, tokenizer, prompts, max_new_tokens=max_new_tokens_benign, batch_size=batch_size, desc="benign"
-        )
+        answers = generator(prompts, max_new_tokens=max_new_tokens_benign, desc="benign")
         records = []
         refused = 0
         for row, prompt, ans in zip(benign_rows, prompts, answers):

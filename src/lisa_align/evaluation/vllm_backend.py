@@ -1,0 +1,52 @@
+"""Optional vLLM generation backend for HS / FA generation (``eval.backend: vllm``).
+
+``pip install 'lisa-align[vllm]'`` (needs a CUDA GPU). vLLM is imported only when this backend is
+used. The base (or aligned) model is loaded once per evaluated model; a fine-tuned LoRA adapter is
+served with vLLM's LoRA support (``LoRARequest``), a full fine-tune is loaded as a model. Decoding is
+greedy (temperature 0) with the same prompts as the Hugging Face path, and answers are decoded with
+special tokens skipped and stripped, as :func:`lisa_align.evaluation.generation.generate` does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from lisa_align.errors import LisaError
+
+INSTALL_HINT = "pip install 'lisa-align[vllm]' (a CUDA GPU is needed), or set eval.backend: hf"
+
+
+def _import_vllm():
+    try:
+        import vllm  # noqa: F401
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+    except ImportError:
+        raise LisaError(f"eval.backend is vllm but vLLM is not installed: {INSTALL_HINT}") from None
+    return LLM, SamplingParams, LoRARequest
+
+
+class VLLMGenerator:
+    """``generator(prompts, max_new_tokens=..., desc=...) -> answers`` backed by one vLLM engine."""
+
+    def __init__(self, model_path: str, adapter_path: str | None = None, *, dtype: str = "auto",
+                 trust_remote_code: bool = False, **engine_kwargs: Any):
+        LLM, self._SamplingParams, LoRARequest = _import_vllm()
+        self.lora = None
+        kwargs = dict(engine_kwargs)
+        if adapter_path is not None:
+            cfg_path = Path(adapter_path) / "adapter_config.json"
+            if not cfg_path.is_file():
+                raise LisaError(f"{adapter_path}: no adapter_config.json; pass a PEFT LoRA adapter folder")
+            rank = int(json.loads(cfg_path.read_text()).get("r", 16))
+            kwargs.setdefault("enable_lora", True)
+            kwargs.setdefault("max_lora_rank", max(8, rank))
+            self.lora = LoRARequest("finetuned", 1, str(adapter_path))
+        self.llm = LLM(model=str(model_path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+
+    def __call__(self, prompts: Sequence[str], *, max_new_tokens: int, desc: str = "generate") -> list[str]:
+        params = self._SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=True)
+        outputs = self.llm.generate(list(prompts), params, lora_request=self.lora, use_tqdm=False)
+        return [o.outputs[0].text.strip() for o in outputs]
