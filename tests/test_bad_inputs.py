@@ -391,8 +391,8 @@ def cli(tmp_path, monkeypatch, capsys):
         assert err.startswith("lisa: error: ") and err.endswith("\n") and err.count("\n") == 1, repr(err)
         assert not cache.exists() or not any(cache.iterdir())
         runs = tmp_path / "runs"
-        if runs.exists():  # at most the resolved config.yaml was written; no stage output
-            assert {p.name for p in runs.rglob("*") if p.is_file()} <= {"config.yaml"}
+        if runs.exists():  # at most the resolved config.yaml and the run log were written; no stage output
+            assert {p.name for p in runs.rglob("*") if p.is_file()} <= {"config.yaml", "log.jsonl"}
         return err.removeprefix("lisa: error: ").rstrip("\n")
 
     return run
@@ -482,3 +482,380 @@ def test_cli_demo_validates_data_before_building_the_model(tmp_path, cli):
     check(LisaError(msg), "synthetic:beavertails [30k_train] has", "n=100000")
     msg = cli(["demo", "--output-dir", str(tmp_path / "runs"), "data.p=-1"])
     check(LisaError(msg), "data.p")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers: no EOS is refused; no pad token gets one (the reference's [PAD])
+# ---------------------------------------------------------------------------------------------
+def _word_tokenizer(words=("yes", "no"), **special):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lisa_align.data.templates import PROMPT_NO_INPUT
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([PROMPT_NO_INPUT, "say", *words],
+                            trainer=trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **special)
+
+
+def test_tokenizer_without_eos(tmp_path):
+    from lisa_align.data.templates import tokenize_example
+    from lisa_align.models.loading import load_tokenizer
+
+    tokenizer = _word_tokenizer(pad_token="<pad>")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    with pytest.raises(LisaError) as e:
+        load_tokenizer(str(tmp_path / "tok"))
+    check(e, str(tmp_path / "tok"), "no EOS token", "eos_token")
+    with pytest.raises(LisaError) as e:
+        tokenize_example({"instruction": "say yes", "input": "", "output": "yes"}, tokenizer, max_length=64)
+    check(e, "no EOS token", "eos_token")
+
+
+def test_tokenizer_without_pad_gets_one():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lisa_align.models.loading import DEFAULT_PAD_TOKEN, ensure_pad_token
+
+    tokenizer = _word_tokenizer(eos_token="</s>")
+    tokenizer.pad_token = None
+    assert tokenizer.pad_token is None
+    n = len(tokenizer)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=n, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    assert ensure_pad_token(model, tokenizer) is True
+    assert tokenizer.pad_token == DEFAULT_PAD_TOKEN and model.config.pad_token_id == tokenizer.pad_token_id
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] == n + 1 and torch.allclose(emb[n], emb[:n].mean(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data files: line numbers past blank lines and headers
+# ---------------------------------------------------------------------------------------------
+def test_jsonl_error_names_row_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"instruction": "a", "output": "b"}\n\n\n{"instruction": "c", "output": 4.5}\n')
+    with pytest.raises(LisaError) as e:
+        load(path)
+    check(e, str(path), "row 2 (line 4)", "'output'", "must be str", "float", "fix that row")
+
+
+def test_jsonl_with_line_separator_characters_in_strings(tmp_path):
+    """U+2028/U+0085 inside a JSON string (json.dumps(ensure_ascii=False) writes them raw) are not line
+    breaks: the rows load, and a later error still names the right line."""
+    path = tmp_path / "d.jsonl"
+    rows = [{"instruction": "a\u2028b", "output": "c\x85d"}, {"instruction": "e", "output": "f\u2029"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    assert [(r["instruction"], r["output"]) for r in load(path)] == [("a\u2028b", "c\x85d"), ("e", "f\u2029")]
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"instruction": "g"}\n')
+    with pytest.raises(LisaError) as e:
+        load(path)
+    check(e, "row 3 (line 3)", "'output'")
+
+
+def test_csv_error_names_row_and_line(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("instruction,output\na,b\nc,\n", encoding="utf-8")
+    with pytest.raises(LisaError) as e:
+        load(path)
+    check(e, str(path), "row 2 (line 3)", "'output'", "empty")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: a nan/inf loss stops training at once, the last good checkpoint survives
+# ---------------------------------------------------------------------------------------------
+WORDS = ("yes", "no", "maybe", "ok")
+
+
+@pytest.fixture
+def micro_stage(tmp_path, monkeypatch):
+    """A tiny Llama, a word tokenizer and 16 rows: ``train(stage_changes, log_tag, ...)`` runs
+    ``train_stage`` on them for 8 steps (batch 2), a checkpoint every 2 steps, into tmp/trainer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lisa_align.config import LisaSettings, StageSettings
+    from lisa_align.training.run import train_stage
+
+    monkeypatch.setenv("LISA_ALIGN_CACHE", str(tmp_path / "cache"))
+    tokenizer = _word_tokenizer(WORDS, pad_token="<pad>", eos_token="</s>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None))
+    rows = [{"instruction": f"say {w}", "input": "", "output": w} for w in WORDS * 4]
+    out = tmp_path / "trainer"
+
+    def train(log_tag="finetune/sft", lisa=False, **changes):
+        stage = StageSettings(**{"lr": 1e-3, "max_steps": 8, "batch_size": 2, "lora": None, "scheduler": "constant",
+                                 "warmup_ratio": 0.0, "logging_steps": 1, **changes})
+        return train_stage(model, tokenizer, rows, stage, out, seed=0, max_length=64, use_cpu=True,
+                           lisa=LisaSettings(k1=2, k2=2, rho=1.0, proximal_warmup_ratio=0.0) if lisa else None,
+                           alignment_rows=rows[:4] if lisa else None, log_path=tmp_path / "log.jsonl",
+                           log_tag=log_tag)
+
+    train.model, train.out = model, out
+    return train
+
+
+def checkpoints(folder) -> list[str]:
+    return sorted(p.name for p in folder.glob("checkpoint-*")) if folder.exists() else []
+
+
+def finite_checkpoint(folder) -> bool:
+    import torch
+    from safetensors.torch import load_file
+
+    assert (folder / "trainer_state.json").is_file()  # complete
+    weights = load_file(folder / "model.safetensors")
+    return bool(weights) and all(bool(torch.isfinite(t).all()) for t in weights.values())
+
+
+@pytest.mark.parametrize("log_tag,lisa", [("finetune/sft", False), ("finetune/lisa", True)])
+def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(micro_stage, log_tag, lisa):
+    """The forward returns nan at the 7th optimizer step: training stops in that step, before its update,
+    checkpoint-6 (finite) survives and no checkpoint after it is written."""
+    calls = []
+
+    def nan_at_step_7(module, args, output):
+        if module.training:
+            calls.append(1)
+            if len(calls) == 7:
+                return output * float("nan")
+        return output
+
+    micro_stage.model.lm_head.register_forward_hook(nan_at_step_7)
+    with pytest.raises(LisaError) as e:
+        micro_stage(log_tag, lisa=lisa)
+    last = micro_stage.out / "checkpoint-6"
+    check(e, log_tag, "training loss became nan at step 7", f"last good checkpoint is {last}",
+          "lower finetune.lr", f"delete {micro_stage.out}")
+    assert len(calls) == 7  # stopped at once
+    assert checkpoints(micro_stage.out) == ["checkpoint-6"] and finite_checkpoint(last)
+
+
+@pytest.mark.parametrize("logging_steps,caught_by", [(100, "the weight lm_head.weight became nan at step 4"),
+                                                     (1, "the gradient norm became inf at step 4")])
+def test_nonfinite_weights_are_never_checkpointed(micro_stage, logging_steps, caught_by):
+    """The 4th step's gradient is inf, so its update turns the weights nan while its loss is finite: the
+    logged gradient norm, or else the check before saving, stops training; checkpoint-4 is never written."""
+    calls = []
+
+    def inf_grad_at_step_4(grad):
+        calls.append(1)
+        return grad * math.inf if len(calls) == 4 else grad
+
+    micro_stage.model.lm_head.weight.register_hook(inf_grad_at_step_4)
+    with pytest.raises(LisaError) as e:
+        micro_stage("align", logging_steps=logging_steps)
+    last = micro_stage.out / "checkpoint-2"
+    check(e, "align: ", caught_by, f"last good checkpoint is {last}", "lower align.lr")
+    assert checkpoints(micro_stage.out) == ["checkpoint-2"] and finite_checkpoint(last)
+
+
+def test_nonfinite_logged_loss_or_grad_norm_stops_training(tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from lisa_align.training.callbacks import NonFiniteGuard
+
+    guard = NonFiniteGuard("finetune/bso")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    state = TrainerState(global_step=12)
+    guard.on_log(args, state, TrainerControl(), logs={"loss": 1.5, "grad_norm": 3.0})  # fine
+    for logs, what in (({"loss": math.inf}, "training loss became inf"),
+                       ({"loss": 0.1, "grad_norm": math.nan}, "gradient norm became nan")):
+        with pytest.raises(LisaError) as e:
+            guard.on_log(args, state, TrainerControl(), logs=logs)
+        check(e, "finetune/bso", what, "at step 12", "no checkpoint was saved")
+
+
+def test_cli_nan_training_is_one_line_and_keeps_finished_stages(tmp_path, monkeypatch, capsys):
+    from test_pipeline import micro
+
+    monkeypatch.setenv("LISA_ALIGN_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "micro.yaml"
+    path.write_text(yaml.safe_dump(micro(tmp_path, **{"finetune.methods": ["sft"], "eval.models": ["base"]})))
+    assert main(["run", str(path), "finetune.lr=1e30"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("lisa: error: finetune/sft: the ") and err.count("\n") == 1, err
+    check(LisaError(err.strip()), "at step", "lower finetune.lr")
+    assert "nan" in err or "inf" in err
+    run = tmp_path / "runs" / "micro"
+    assert (run / "aligned" / "model.safetensors").exists()  # the finished stage is kept
+    assert not (run / "finetune" / "sft" / "adapter").exists() and not (run / "eval").exists()
+    assert all(finite_checkpoint(c) for c in (run / "finetune" / "sft" / "trainer").glob("checkpoint-*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk: one line, nothing half-written, the previous output/checkpoint intact
+# ---------------------------------------------------------------------------------------------
+def _enospc(path=""):
+    import errno
+    import os
+
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "safetensors", "torch.save-runtime-error"])
+def test_disk_full_while_writing_a_checkpoint(micro_stage, monkeypatch, how):
+    """The save of checkpoint-4 fails half-way: checkpoint-4 is removed, checkpoint-2 is intact."""
+    import torch
+    import transformers.modeling_utils as modeling_utils
+
+    import lisa_align.io as lio
+
+    def failing(real, error):
+        def save(obj, path, *a, **k):
+            if "checkpoint-4" in str(path):
+                raise error
+            return real(obj, path, *a, **k)
+        return save
+
+    if how == "torch.save":  # optimizer.pt, after the weights of checkpoint-4 were written
+        monkeypatch.setattr(torch, "save", failing(torch.save, _enospc("optimizer.pt")))
+    elif how == "safetensors":  # the weights; safetensors reports ENOSPC in its message
+        monkeypatch.setattr(modeling_utils, "safe_save_file", failing(
+            modeling_utils.safe_save_file, RuntimeError("Error while serializing: No space left on device (os error 28)")))
+    else:  # torch's zip writer says nothing of the disk: the free space decides
+        monkeypatch.setattr(torch, "save", failing(torch.save, RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")))
+        monkeypatch.setattr(lio, "free_bytes", lambda path: 4096)
+    with pytest.raises(LisaError) as e:
+        micro_stage()
+    ckpt2 = micro_stage.out / "checkpoint-2"
+    check(e, f"no space left on device while saving {micro_stage.out / 'checkpoint-4'}", "free space",
+          f"the previous checkpoint {ckpt2} is intact")
+    assert checkpoints(micro_stage.out) == ["checkpoint-2"] and finite_checkpoint(ckpt2)
+
+
+def test_other_save_errors_are_not_called_disk_full(micro_stage, monkeypatch):
+    import torch
+
+    def save(obj, path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(PermissionError):
+        micro_stage()
+
+
+def test_disk_full_while_saving_a_stage_output(tmp_path, monkeypatch):
+    """_save_atomically: the temporary copy is removed, the previous output is intact."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lisa_align.pipeline import _save_atomically
+
+    tokenizer = _word_tokenizer(pad_token="<pad>", eos_token="</s>")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    out = tmp_path / "finetune" / "sft" / "adapter"
+    _save_atomically(out, model, tokenizer)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = model.save_pretrained
+
+    def half_then_full(path, *a, **k):
+        real(path, *a, **k)  # the weights are written, then the disk fills up
+        raise _enospc(f"{path}/extra")
+
+    monkeypatch.setattr(model, "save_pretrained", half_then_full)
+    with pytest.raises(LisaError) as e:
+        _save_atomically(out, model, tokenizer)
+    check(e, f"no space left on device while saving {out}", "half-written copy was removed",
+          "the previous adapter/ is intact", "checkpoints are kept")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["adapter"]  # no .adapter.tmp
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # nothing there before: nothing is left behind
+    with pytest.raises(LisaError) as e:
+        _save_atomically(tmp_path / "aligned", model, tokenizer)
+    check(e, "nothing was written to")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune"]
+
+
+def test_stage_output_with_nan_weights_is_not_saved(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lisa_align.pipeline import _save_atomically
+
+    tokenizer = _word_tokenizer(pad_token="<pad>", eos_token="</s>")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    with torch.no_grad():
+        model.lm_head.weight[3, 2] = math.nan
+    with pytest.raises(LisaError) as e:
+        _save_atomically(tmp_path / "adapter", model, tokenizer)
+    check(e, str(tmp_path / "adapter"), "nan", "lm_head.weight", "not saved")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_while_writing_a_file(tmp_path, monkeypatch):
+    import os
+
+    from lisa_align.io import append_jsonl, atomic_write_json
+
+    path = tmp_path / "metrics.json"
+    atomic_write_json(path, {"hs": 1.0})
+
+    def full(fd):
+        raise _enospc()
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(LisaError) as e:
+        atomic_write_json(path, {"hs": 2.0})
+    check(e, f"no space left on device while writing {path}", "free space", "previous metrics.json is intact")
+    assert json.loads(path.read_text()) == {"hs": 1.0} and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    with pytest.raises(LisaError) as e:
+        atomic_write_json(tmp_path / "summary.json", {})
+    check(e, "summary.json", "nothing was written")
+
+    import builtins
+
+    real_open = builtins.open
+
+    def open_full(file, mode="r", *a, **k):
+        if "a" in mode:
+            raise _enospc(file)
+        return real_open(file, mode, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", open_full)
+    with pytest.raises(LisaError) as e:
+        append_jsonl(tmp_path / "log.jsonl", {"x": 1})
+    check(e, "no space left on device while appending to", "log.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the CLI: a run dir with another config; a hand-made bad dataset end to end
+# ---------------------------------------------------------------------------------------------
+def test_cli_run_dir_with_different_config_shows_the_diff(tmp_path, cli):
+    cfg = write_config(tmp_path, _set("data.n", 100000))  # fails in data validation, after config.yaml is written
+    check(LisaError(cli(["run", cfg])), "n=100000")
+    saved = tmp_path / "runs" / DEMO["name"] / "config.yaml"
+    assert saved.exists()
+    p_old = DEMO["data"]["p"]
+    msg = cli(["run", cfg, "data.p=0.3", "finetune.lisa.rho=7"])
+    check(LisaError(msg), "holds a run with a different config", f"data.p: {p_old!r} -> 0.3",
+          "finetune.lisa.rho: ", "-> 7.0", "--force")
+    assert yaml.safe_load(saved.read_text())["data"]["p"] == p_old  # the old config is kept
+    msg = cli(["run", "--force", cfg, "data.p=0.3"])  # accepted: fails later, in data validation
+    assert "different config" not in msg and "n=100000" in msg
+    assert yaml.safe_load(saved.read_text())["data"]["p"] == 0.3
+
+
+def test_cli_hand_made_bad_dataset_end_to_end(tmp_path, cli):
+    """A JSONL file with a BOM, a blank line and a row whose output is a number, through `lisa run`."""
+    text = '{"instruction": "Say hi", "output": "hi"}\n\n{"instruction": "Count", "output": 42}\n'
+
+    def edit(raw, t):
+        (t / "mine.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+        raw["data"]["user"] = {"source": str(t / "mine.jsonl")}
+
+    msg = cli(["run", write_config(tmp_path, edit)])  # exit 2, exactly one stderr line "lisa: error: ..."
+    check(LisaError(msg), str(tmp_path / "mine.jsonl"), "row 2 (line 3)", "'output'", "must be str", "int",
+          "fix that row")
+    run = tmp_path / "runs" / DEMO["name"]
+    assert not (run / "finetune").exists() and not (run / "eval").exists() and not (run / "aligned").exists()

@@ -22,7 +22,8 @@ from lisa_align.config import (
 from lisa_align.errors import LisaError
 
 ROOT = Path(__file__).resolve().parents[1]
-REPO_CONFIGS = sorted((ROOT / "configs").glob("**/*.yaml"))
+# lisa run configs (configs/accelerate/ holds accelerate launcher configs, checked in test_ddp.py)
+REPO_CONFIGS = sorted(p for p in (ROOT / "configs").glob("**/*.yaml") if "accelerate" not in p.parts)
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
 
 

@@ -113,3 +113,17 @@ def test_lisa_run_under_accelerate_launch_equals_one_process(tmp_path):
     events = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
     done = [e["stage"] for e in events if e.get("event") == "stage_done"]
     assert done.count("finetune lisa") == 1 and done.count("evaluate sft") == 1  # written by one process
+
+
+@pytest.mark.parametrize("name, kind", [("ddp.yaml", "MULTI_GPU"), ("fsdp2.yaml", "FSDP"),
+                                        ("deepspeed-zero2.yaml", "DEEPSPEED")])
+def test_shipped_accelerate_configs_load(name, kind):
+    """accelerate's own loader reads each shipped launcher config (no unknown or misspelt keys)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(WORKER.parents[1] / "configs" / "accelerate" / name))
+    assert cfg.distributed_type == kind
+    if kind == "FSDP":
+        assert cfg.fsdp_config["fsdp_version"] == 2
+    if kind == "DEEPSPEED":
+        assert cfg.deepspeed_config["zero_stage"] == 2

@@ -99,3 +99,34 @@ def test_bad_lambda_and_missing_fisher_data(tmp_path):
         _args(tmp_path, ewc_lambda=-1)
     with pytest.raises(LisaError, match="fisher_dataset"):
         EWCTrainer(model=_model(), args=_args(tmp_path), train_dataset=_data(4, 10, 1), data_collator=_collate)
+
+
+def test_resume_restores_the_start_weights_and_fisher(tmp_path):
+    """An EWC run stopped after a checkpoint and resumed pulls toward the start-of-fine-tuning w0 with
+    the Fisher measured there (saved in the checkpoint), not toward the weights at the resume step."""
+    from transformers import TrainerCallback
+
+    kw = dict(ewc_lambda=50.0, num_train_epochs=4, optim="adamw_torch", save_strategy="steps", save_steps=3)
+
+    def trainer(out, callbacks=()):
+        t = EWCTrainer(model=_model(), args=_args(out, **kw), train_dataset=_data(8, 10, 1),
+                       fisher_dataset=_data(8, 25, 2), data_collator=_collate, callbacks=list(callbacks))
+        return t
+
+    straight = trainer(tmp_path / "straight")
+    straight.train()
+
+    class StopAfter3(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                control.should_training_stop = True
+
+    first = trainer(tmp_path / "resumed", [StopAfter3()])
+    first.train()
+    assert first.state.global_step == 3
+    second = trainer(tmp_path / "resumed")
+    second.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-3"))
+    assert all(torch.equal(a, b) for a, b in zip(second.reference, straight.reference))
+    assert all(torch.equal(a, b) for a, b in zip(second.fisher, straight.fisher))
+    final = [p.detach() for p in second.model.parameters()]
+    assert max(float((a - b).abs().max()) for a, b in zip(final, straight.model.parameters())) <= 1e-6

@@ -182,3 +182,12 @@ def test_shipped_table_grids_hold_the_paper_values():
             assert r["finetune"]["epochs"] == (50 if task == "gsm8k" else 20)
     (alpaca,) = {json.dumps(r["eval"]) for r in runs("configs/embedded/table6-alpacaeval.yaml")}
     assert json.loads(alpaca)["pairwise_judge_model"] is None  # embedded: generations only
+
+
+def test_a_sweep_config_with_a_python_tag_is_refused_in_one_line(tmp_path, capsys):
+    path = tmp_path / "evil.yaml"
+    path.write_text('name: !!python/object/apply:os.system ["echo pwned > ' + str(tmp_path / "pwned") + '"]\n')
+    assert main(["sweep", str(path), "--grid", "p=0,0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "!!python/object/apply:os.system" in err and "not allowed" in err
+    assert not (tmp_path / "pwned").exists()

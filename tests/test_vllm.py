@@ -46,7 +46,8 @@ def test_pipeline_serves_each_model_and_adapter_through_the_backend(tmp_path, mo
     assert [(m, a) for m, a, _ in made] == [
         (pipe.base_path(), None), (pipe.aligned_path(), None),
         (pipe.aligned_path(), str(cfg.run_dir / "finetune" / "sft" / "adapter"))]
-    assert all(kw == {"dtype": "auto", "trust_remote_code": False, "gpu_memory_utilization": 0.5} for _, _, kw in made)
+    assert all(kw == {"dtype": "auto", "trust_remote_code": False, "allow_pickle": False,
+                      "gpu_memory_utilization": 0.5} for _, _, kw in made)
     preds = [json.loads(x) for x in (cfg.run_dir / "eval" / "sft" / "predictions" / "harmful.jsonl").open()]
     assert {p["answer"] for p in preds} == {"sure harmful 6"}
     assert summary["sft"]["hs"] == 100.0  # "sure ..." never refuses

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
 import sys
 import time
+import traceback
 import warnings
 from importlib import resources
 from pathlib import Path
 
 from lisa_align.errors import LisaError
+from lisa_align.io import redact_secrets
+
+ALLOW_PICKLE_OVERRIDE = "model.allow_pickle=true"
 
 
 def preset_path(name: str) -> Path:
@@ -25,6 +31,9 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for handler in logging.getLogger().handlers:  # log lines never show a HF token
+        if not any(isinstance(f, _RedactFilter) for f in handler.filters):
+            handler.addFilter(_RedactFilter())
     for name in ("transformers", "datasets", "accelerate", "peft", "httpx", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
@@ -39,11 +48,30 @@ def _quiet() -> None:
         pass
 
 
+class _RedactFilter(logging.Filter):
+    """Replaces HF tokens in a log record's message by ``hf_***`` (see :func:`redact_secrets`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # pragma: no cover - a malformed record: leave it to logging
+            return True
+        clean = redact_secrets(msg)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        return True
+
+
+def _overrides(args) -> list[str]:
+    """The command line's key=value overrides, plus model.allow_pickle=true with --allow-pickle."""
+    return list(args.overrides) + ([ALLOW_PICKLE_OVERRIDE] if getattr(args, "allow_pickle", False) else [])
+
+
 def cmd_run(args) -> int:
     from lisa_align.config import load_config
     from lisa_align.pipeline import Pipeline, format_table
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, _overrides(args))
     pipeline = Pipeline(cfg, force=args.force)
     pipeline.data  # load and validate every data source before any model is built or trained
     summary = pipeline.run()
@@ -57,7 +85,7 @@ def cmd_demo(args) -> int:
     from lisa_align.pipeline import Pipeline, format_table
 
     overrides = [f"seed={args.seed}"] + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
-    overrides += [f"name=demo-seed{args.seed}"] + list(args.overrides)
+    overrides += [f"name=demo-seed{args.seed}"] + _overrides(args)
     cfg = load_config(preset_path("demo"), overrides)
     t0 = time.time()
     pipeline = Pipeline(cfg, force=args.force)
@@ -106,7 +134,13 @@ def _rejudge_harmful(run: Path, args, summary: dict) -> None:
     evals = sorted(p for p in (run / "eval").glob("*") if (p / "predictions" / "harmful.jsonl").is_file())
     if not evals:
         raise LisaError(f"{run}: no saved predictions under eval/*/predictions/harmful.jsonl; run `lisa run` first")
-    judge = get_judge(args.judge, **({"model_name_or_path": args.judge_model} if args.judge_model else {}))
+    from lisa_align.evaluation.judges import JUDGES
+    from lisa_align.evaluation.pairwise import judge_key
+    from lisa_align.models.loading import allow_pickle_kwargs
+
+    kwargs = {"model_name_or_path": args.judge_model} if args.judge_model else {}
+    kwargs |= allow_pickle_kwargs(JUDGES.get(judge_key(args.judge)), args.allow_pickle)
+    judge = get_judge(args.judge, **kwargs)
     for out in evals:
         preds = out / "predictions" / "harmful.jsonl"
         before = [json.loads(line) for line in preds.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -132,7 +166,11 @@ def _rejudge_pairwise(run: Path, args, summary: dict) -> None:
     if not evals:
         raise LisaError(f"{run}: no alpaca_eval predictions to judge (eval/*/predictions/task.jsonl of a run with "
                         "data.task: alpaca_eval)")
-    judge = get_pairwise_judge(args.pairwise_judge, model_name_or_path=args.pairwise_judge_model)
+    from lisa_align.evaluation.pairwise import PAIRWISE_JUDGES, judge_key
+    from lisa_align.models.loading import allow_pickle_kwargs
+
+    allow = allow_pickle_kwargs(PAIRWISE_JUDGES.get(judge_key(args.pairwise_judge)), args.allow_pickle)
+    judge = get_pairwise_judge(args.pairwise_judge, model_name_or_path=args.pairwise_judge_model, **allow)
     for out in evals:
         m = rejudge_pairwise(out, judge)
         summary[out.name] = _summary_row(m)
@@ -167,6 +205,10 @@ def cmd_report(args) -> int:
     return 0
 
 
+ALLOW_PICKLE_HELP = ("also load pickle weights (pytorch_model.bin, adapter_model.bin, *.pt): pickle can run code "
+                     "when loaded, so only for files you trust (default: safetensors only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lisa", description="Lisa: fine-tune LLMs without losing safety alignment")
     sub = p.add_subparsers(dest="command", required=True)
@@ -174,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config")
     r.add_argument("overrides", nargs="*", help="key.path=value, e.g. data.p=0.2 finetune.lisa.rho=10")
     r.add_argument("--force", action="store_true", help="reuse a run dir whose config differs")
+    r.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP + "; sets model.allow_pickle=true")
     r.set_defaults(func=cmd_run)
     w = sub.add_parser("sweep", help="expand a grid of runs and run them (local, in sequence) or submit a Slurm array")
     w.add_argument("config")
@@ -193,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pairwise-judge", default="local", help="alpaca_eval win-rate judge (default: local)")
     e.add_argument("--pairwise-judge-model", default=None,
                    help="local HF causal LM (path or id) that judges alpaca_eval answers against the references")
+    e.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP + " for the judge models")
     e.set_defaults(func=cmd_evaluate)
     rp = sub.add_parser("report", help="tables (markdown/CSV), plots (PNG) and report.html for the runs in a folder")
     rp.add_argument("runs_dir", help="a sweep folder (or any folder holding run folders)")
@@ -202,22 +246,41 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--output-dir", default=None)
     d.add_argument("--force", action="store_true")
+    d.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP + "; sets model.allow_pickle=true")
     d.add_argument("overrides", nargs="*", help="key.path=value")
     d.set_defaults(func=cmd_demo)
     return p
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line; argparse's usage errors (which echo arguments) are redacted."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf):
+            return build_parser().parse_args(argv)
+    finally:
+        sys.stderr.write(redact_secrets(buf.getvalue()))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """``lisa ...``. Every message it prints for an error passes through :func:`redact_secrets`, so a
+    Hugging Face token (``hf_...`` or the value of $HF_TOKEN) is shown as ``hf_***``."""
+    args = _parse(argv)
     _quiet()
     try:
         return args.func(args)
     except LisaError as e:
-        print(f"lisa: error: {e}", file=sys.stderr)
+        print(f"lisa: error: {redact_secrets(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lisa: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception:
+        text = traceback.format_exc()
+        if redact_secrets(text) == text:
+            raise  # nothing to hide: the usual traceback
+        print(redact_secrets(text), end="", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

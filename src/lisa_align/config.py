@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lisa_align.data.sources import SourceSpec
 from lisa_align.errors import LisaError
+from lisa_align.io import find_secret, token_in_config_error
 from lisa_align.models.lora import ALIGN_LORA, FINETUNE_LORA, LoraSettings
 from lisa_align.training.schedule import validate_lisa_settings
 
@@ -42,7 +44,9 @@ class TinySettings(_Strict):
 class ModelSettings(_Strict):
     name: str = Field("tiny", description="'tiny' (embedded base), a HF id, or a local folder")
     dtype: str = "auto"
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="run Python code shipped with the model (off unless set)")
+    allow_pickle: bool = Field(False, description="also load pickle weights (pytorch_model.bin, adapter_model.bin, "
+                               "*.pt); pickle can run code when loaded, so only for files you trust (--allow-pickle)")
     tiny: TinySettings = Field(default_factory=TinySettings)
     cache_dir: str | None = Field(None, description="where the tiny base is cached (default ~/.cache/lisa-align)")
 
@@ -353,7 +357,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise LisaError(f"override '{text}' must look like key.path=value (e.g. data.p=0.2)")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    try:
+        return key.strip().split("."), yaml.safe_load(value)  # the safe loader: plain data, no Python objects
+    except yaml.YAMLError as e:
+        raise LisaError(f"override '{key.strip()}': {_yaml_problem(e)}") from None
+
+
+def _yaml_problem(err: yaml.YAMLError, where: str = "") -> str:
+    """One line on why YAML was refused: a Python/unknown tag (data only) or a syntax error."""
+    if isinstance(err, yaml.constructor.ConstructorError):
+        tag = re.search(r"tag '([^']*)'", str(getattr(err, "problem", "") or ""))
+        name = tag.group(1).replace("tag:yaml.org,2002:", "!!") if tag else "a tag"
+        return (f"the YAML tag {name}{where} is not allowed: a config is data (mappings, lists, strings, "
+                "numbers, booleans), never code; remove the tag")
+    return f"not valid YAML{where}; fix the syntax"
 
 
 def _default_section(path: list[str]) -> dict:
@@ -379,27 +396,34 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def read_config_file(path: str | Path) -> dict:
+    """The raw mapping of a YAML config file (safe loader: plain data), or a one-line LisaError."""
+    p = Path(path)
+    if not p.exists():
+        raise LisaError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}  # the safe loader: no Python objects
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise LisaError(f"{p}: {_yaml_problem(e, where)}") from None
+    except UnicodeDecodeError as e:
+        raise LisaError(f"{p}: not UTF-8 text (bad byte at offset {e.start}); save the config as UTF-8") from None
+    if not isinstance(raw, dict):
+        raise LisaError(f"{p}: the top level must be a mapping of sections (model, data, align, finetune, eval)")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    raw: dict = {}
-    source = "config"
-    if path is not None:
-        source = str(path)
-        p = Path(path)
-        if not p.exists():
-            raise LisaError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise LisaError(f"{p}: not valid YAML{where}; fix the syntax") from None
-        if not isinstance(raw, dict):
-            raise LisaError(f"{p}: the top level must be a mapping of sections (model, data, align, finetune, eval)")
+    raw = read_config_file(path) if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
-    return validate_config(raw, source)
+    return validate_config(raw, str(path) if path is not None else "config")
 
 
 def validate_config(raw: dict, source: str = "config") -> RunConfig:
+    where = find_secret(raw)  # before validation: no error message may echo the token
+    if where is not None:
+        raise LisaError(f"{source}: {token_in_config_error(where)}")
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:

@@ -98,6 +98,9 @@ class Pipeline:
         self.log_path = self.run_dir / "log.jsonl"
         self._data: RunData | None = None
         self._check_config(force)
+        m = cfg.model
+        self._log({"event": "model", "trust_remote_code": m.trust_remote_code, "allow_pickle": m.allow_pickle,
+                   "model": m.name})
 
     # ---- bookkeeping ------------------------------------------------------------------------
     def _check_config(self, force: bool) -> None:
@@ -147,7 +150,8 @@ class Pipeline:
         from lisa_align.models.loading import load_model_and_tokenizer
 
         return load_model_and_tokenizer(path, dtype=self.cfg.model.dtype,
-                                        trust_remote_code=self.cfg.model.trust_remote_code)
+                                        trust_remote_code=self.cfg.model.trust_remote_code,
+                                        allow_pickle=self.cfg.model.allow_pickle)
 
     def aligned_path(self) -> str:
         if not self.cfg.align.enabled:
@@ -248,7 +252,7 @@ class Pipeline:
             lora = (out / "adapter_config.json").exists()
             model_path, adapter = (self.start_path(self.method(key)), str(out)) if lora else (str(out), None)
         return VLLMGenerator(model_path, adapter, dtype=self.cfg.model.dtype, trust_remote_code=self.cfg.model.trust_remote_code,
-                             **self.cfg.eval.vllm)
+                             allow_pickle=self.cfg.model.allow_pickle, **self.cfg.eval.vllm)
 
     # ---- evaluation -------------------------------------------------------------------------
     def evaluate(self, key: str) -> dict:
@@ -256,7 +260,10 @@ class Pipeline:
         the win-rate judge is eval.pairwise_judge with eval.pairwise_judge_model; without a model the
         generations are saved and FA stays pending. A cached evaluation whose FA is pending is judged
         (without generating again) once a pairwise judge model is set."""
+        from lisa_align.evaluation.judges import JUDGES
+        from lisa_align.evaluation.pairwise import judge_key
         from lisa_align.evaluation.tasks import get_task
+        from lisa_align.models.loading import allow_pickle_kwargs
 
         out = self.run_dir / "eval" / key
         e = self.cfg.eval
@@ -265,9 +272,11 @@ class Pipeline:
             if not (e.pairwise_judge_model and get_task(self.cfg.data.task).pairwise):
                 return None
             from lisa_align.evaluation import get_pairwise_judge
+            from lisa_align.evaluation.pairwise import PAIRWISE_JUDGES
 
+            allow = allow_pickle_kwargs(PAIRWISE_JUDGES.get(judge_key(e.pairwise_judge)), self.cfg.model.allow_pickle)
             return get_pairwise_judge(e.pairwise_judge, model_name_or_path=e.pairwise_judge_model,
-                                      device=_device(self.cfg))
+                                      device=_device(self.cfg), **allow)
 
         if (out / "metrics.json").exists():
             metrics = read_json(out / "metrics.json")
@@ -289,6 +298,7 @@ class Pipeline:
             model.to(_device(self.cfg))
             generator = None
         judge_kwargs = {"model_name_or_path": e.judge_model} if e.judge_model else {}
+        judge_kwargs |= allow_pickle_kwargs(JUDGES.get(judge_key(e.judge)), self.cfg.model.allow_pickle)
         metrics = evaluate_model(
             model, tok, out_dir=out, judge=get_judge(e.judge, **judge_kwargs), harmful_rows=self.data.eval_harmful,
             task_rows=self.data.eval_task, task=self.cfg.data.task, benign_rows=self.data.eval_benign or None,
@@ -332,10 +342,30 @@ class Pipeline:
 
 
 def _save_atomically(out: Path, model, tokenizer) -> None:
+    """Write a stage's model and tokenizer under a temporary name, then rename: ``out`` is complete or
+    absent (or still the previous one). Non-finite weights are not saved; a full disk removes the
+    temporary folder and raises a one-line LisaError."""
+    from lisa_align.io import is_disk_full
+    from lisa_align.training.callbacks import first_nonfinite_weight
+
+    bad = first_nonfinite_weight(model)
+    if bad is not None:
+        raise LisaError(f"{out}: the trained weights hold {bad[1]} (in {bad[0]}), so they were not saved; "
+                        "lower the stage's learning rate (or max_grad_norm) and re-run")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    except BaseException as e:
+        full = isinstance(e, Exception) and is_disk_full(e, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written copy behind
+        if not full:
+            raise
+        kept = f"the previous {out.name}/ is intact" if out.exists() else f"nothing was written to {out}"
+        raise LisaError(f"no space left on device while saving {out}; the half-written copy was removed. Free "
+                        f"space (or set output_dir on a larger disk) and re-run: {kept}, and the stage's training "
+                        "checkpoints are kept, so the re-run does not train again") from e
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from lisa_align.config import apply_overrides, config_to_dict, validate_config
+from lisa_align.config import apply_overrides, config_to_dict, read_config_file, validate_config
 from lisa_align.errors import LisaError
 from lisa_align.io import atomic_write_text, atomic_write_yaml
 
@@ -71,10 +71,7 @@ def aligned_key(raw: dict) -> str:
 def plan(config_path: str, grid: list[str], extra: list[str] | None = None, *, share_aligned: bool = True):
     """Resolved run configs (dicts) of a sweep, and the sweep folder."""
     p = Path(config_path)
-    if not p.exists():
-        raise LisaError(f"config file not found: {p}")
-    base = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    base = apply_overrides(base, list(extra or []))
+    base = apply_overrides(read_config_file(p), list(extra or []))
     root_cfg = validate_config(base, str(p))
     root = root_cfg.run_dir
     axes = parse_grid(grid) if grid else list(root_cfg.sweep.grid.items())

@@ -35,7 +35,7 @@ BEAVERTAILS_CATEGORIES = (
 )
 
 
-def _need(row: dict, field: str, where: str, i: int, kind: type | tuple = str) -> Any:
+def _need(row: dict, field: str, where: str, i: int | str, kind: type | tuple = str) -> Any:
     if field not in row or row[field] is None:
         raise LisaError(f"{where}: row {i} has no '{field}' field (present: {', '.join(map(str, row)) or 'none'}); "
                         f"add '{field}' to every row or pick the right format")
@@ -46,21 +46,21 @@ def _need(row: dict, field: str, where: str, i: int, kind: type | tuple = str) -
     return value
 
 
-def _nonempty(row: dict, field: str, where: str, i: int) -> str:
+def _nonempty(row: dict, field: str, where: str, i: int | str) -> str:
     value = _need(row, field, where, i)
     if not value.strip():
         raise LisaError(f"{where}: row {i} field '{field}' is empty; fill it in or remove the row")
     return value
 
 
-def _label(row: dict, where: str, i: int, names: tuple[str, ...]) -> str:
+def _label(row: dict, where: str, i: int | str, names: tuple[str, ...]) -> str:
     label = _need(row, "label", where, i, int)
     if not 0 <= label < len(names):
         raise LisaError(f"{where}: row {i} field 'label' is {label}, expected 0..{len(names) - 1} ({', '.join(names)})")
     return names[label]
 
 
-def fmt_beavertails(row: dict, where: str, i: int) -> dict:
+def fmt_beavertails(row: dict, where: str, i: int | str) -> dict:
     cats = row.get("category") or {}
     return {
         "instruction": _nonempty(row, "prompt", where, i),
@@ -71,17 +71,17 @@ def fmt_beavertails(row: dict, where: str, i: int) -> dict:
     }
 
 
-def fmt_sst2(row: dict, where: str, i: int) -> dict:
+def fmt_sst2(row: dict, where: str, i: int | str) -> dict:
     return {"instruction": SST2_INSTRUCTION, "input": _nonempty(row, "sentence", where, i).strip(),
             "output": _label(row, where, i, SST2_LABELS)}
 
 
-def fmt_agnews(row: dict, where: str, i: int) -> dict:
+def fmt_agnews(row: dict, where: str, i: int | str) -> dict:
     return {"instruction": AGNEWS_INSTRUCTION, "input": _nonempty(row, "text", where, i).strip(),
             "output": _label(row, where, i, AGNEWS_LABELS)}
 
 
-def fmt_gsm8k(row: dict, where: str, i: int) -> dict:
+def fmt_gsm8k(row: dict, where: str, i: int | str) -> dict:
     answer = _nonempty(row, "answer", where, i)
     if "####" not in answer:
         raise LisaError(f"{where}: row {i} field 'answer' has no '#### <number>' final answer; fix that row")
@@ -89,7 +89,7 @@ def fmt_gsm8k(row: dict, where: str, i: int) -> dict:
             "output": answer.replace("####", GSM8K_ANSWER_PREFIX.rstrip())}
 
 
-def fmt_alpaca(row: dict, where: str, i: int) -> dict:
+def fmt_alpaca(row: dict, where: str, i: int | str) -> dict:
     if "instruction" not in row and "prompt" in row:  # prompt / response rows
         return {"instruction": _nonempty(row, "prompt", where, i), "input": "",
                 "output": _nonempty(row, "response", where, i)}
@@ -100,7 +100,7 @@ def fmt_alpaca(row: dict, where: str, i: int) -> dict:
             "output": _nonempty(row, "output", where, i)}
 
 
-FORMATS: dict[str, Callable[[dict, str, int], dict]] = {
+FORMATS: dict[str, Callable[[dict, str, int | str], dict]] = {
     "beavertails": fmt_beavertails,
     "sst2": fmt_sst2,
     "agnews": fmt_agnews,
@@ -126,7 +126,9 @@ def detect_format(row: dict, where: str) -> str:
                     "'instruction'/'output' (or 'prompt'/'response'), or set format: to one of " + ", ".join(FORMATS))
 
 
-def format_rows(raw: list[dict], fmt: str, where: str) -> list[dict]:
+def format_rows(raw: list[dict], fmt: str, where: str, lines: list[int] | None = None) -> list[dict]:
+    """Internal rows from ``raw`` rows of format ``fmt``; ``lines`` (each row's line in its file) makes
+    an error name the line too: "row 2 (line 4)"."""
     if fmt == "auto":
         if not raw:
             raise LisaError(f"{where}: the dataset is empty; give a file or split with rows")
@@ -134,4 +136,6 @@ def format_rows(raw: list[dict], fmt: str, where: str) -> list[dict]:
     if fmt not in FORMATS:
         raise LisaError(f"{where}: unknown format '{fmt}': use auto or one of {', '.join(FORMATS)}")
     f = FORMATS[fmt]
+    if lines is not None and len(lines) == len(raw):
+        return [f(r, where, f"{i} (line {line})") for i, (r, line) in enumerate(zip(raw, lines), start=1)]
     return [f(r, where, i) for i, r in enumerate(raw, start=1)]

@@ -58,16 +58,17 @@ def load_rows(spec: SourceSpec) -> list[dict]:
     """Internal rows (``instruction``, ``input``, ``output`` plus metadata) for ``spec``."""
     where = spec.describe()
     fmt = spec.format
+    lines = None  # the line of each row in a .jsonl/.csv file (blank lines and the CSV header shift them)
     if spec.source.startswith("synthetic:"):
         raw = synthetic.generate(spec.source.split(":", 1)[1], spec.split, seed=spec.seed, size=spec.size)
     elif _is_local(spec.source):
-        raw = _read_local(Path(spec.source), spec.split)
+        raw, lines = _read_local(Path(spec.source), spec.split)
         where = spec.source
     else:
         known_fmt, known_subset = KNOWN_HF.get(spec.source, ("auto", None))
         fmt = known_fmt if fmt == "auto" else fmt
         raw = _load_hf(spec.source, spec.subset or known_subset, spec.split)
-    rows = format_rows(raw, fmt, where)
+    rows = format_rows(raw, fmt, where, lines=lines)
     if spec.filter is not None:
         if rows and "is_safe" not in rows[0]:
             raise LisaError(f"{where}: filter '{spec.filter}' needs BeaverTails rows with 'is_safe'; "
@@ -97,12 +98,13 @@ def _is_local(source: str) -> bool:
     return p.suffix.lower() in LOCAL_SUFFIXES or p.exists() or source.startswith((".", "/", "~"))
 
 
-def _read_local(path: Path, split: str) -> list[dict]:
+def _read_local(path: Path, split: str) -> tuple[list[dict], list[int] | None]:
+    """The raw rows of a local file or saved dataset, and each row's line number (.jsonl and .csv)."""
     path = path.expanduser()
     if not path.exists():
         raise LisaError(f"dataset file not found: {path}; check the path (relative paths start from the current folder)")
     if path.is_dir():
-        return _read_saved_dataset(path, split)
+        return _read_saved_dataset(path, split), None
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
@@ -110,8 +112,10 @@ def _read_local(path: Path, split: str) -> list[dict]:
         raise LisaError(f"{path}: not UTF-8 text (bad byte at offset {e.start}); re-save the file as UTF-8") from None
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        rows, lines = [], []
+        # split on "\n" only: str.splitlines() also splits at U+2028 and other separators that JSON
+        # strings may hold raw (json.dumps(..., ensure_ascii=False) writes them), and would miscount lines
+        for lineno, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -121,7 +125,8 @@ def _read_local(path: Path, split: str) -> list[dict]:
             if not isinstance(row, dict):
                 raise LisaError(f"{path}: line {lineno} is a {type(row).__name__}, expected a JSON object")
             rows.append(row)
-        return rows
+            lines.append(lineno)
+        return rows, lines
     if suffix == ".json":
         try:
             obj = json.loads(text)
@@ -132,16 +137,19 @@ def _read_local(path: Path, split: str) -> list[dict]:
         if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
             raise LisaError(f"{path}: expected a JSON list of objects (or {{\"{split}\": [...]}}); "
                             "use one object per row, or a .jsonl file")
-        return obj
+        return obj, None
     if suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text))
-        rows = [dict(r) for r in reader]
+        rows, lines = [], []
+        for r in reader:
+            rows.append(dict(r))
+            lines.append(reader.line_num)  # the record's last line: its line unless a quoted field spans lines
         for r in rows:  # CSV has no types: restore integer labels
             if isinstance(r.get("label"), str) and r["label"].strip().lstrip("-").isdigit():
                 r["label"] = int(r["label"])
             if isinstance(r.get("is_safe"), str):
                 r["is_safe"] = r["is_safe"].strip().lower() in ("true", "1", "yes")
-        return rows
+        return rows, lines
     raise LisaError(f"{path}: unsupported file type '{suffix}'; use .json, .jsonl or .csv")
 
 

@@ -64,6 +64,51 @@ def _percent(count: int, total: int) -> float | None:
     return 100.0 * count / total if total else None
 
 
+def partial_path(pred_dir: Path, name: str) -> Path:
+    """Answers generated so far for one set, appended per batch: what a killed evaluation resumes from."""
+    return pred_dir / f".{name}.partial.jsonl"
+
+
+def _read_partial(path: Path, prompts: Sequence[str], max_new_tokens: int) -> dict[int, str]:
+    """{prompt index: answer} from a partial file; records of other prompts or settings (a stale file)
+    and a torn last line are ignored."""
+    done: dict[int, str] = {}
+    if not path.is_file():
+        return done
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+            i = int(rec["i"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+        if 0 <= i < len(prompts) and rec.get("prompt") == prompts[i] and rec.get("max_new_tokens") == max_new_tokens:
+            done[i] = str(rec["answer"])
+    return done
+
+
+def _resumable(generator, prompts: list[str], max_new_tokens: int, name: str, pred_dir: Path,
+               batch_size: int) -> list[str]:
+    """``generator``'s answers for ``prompts``, appended to the partial file one batch at a time and
+    taken back from it on a re-run, so a killed evaluation loses at most one batch. Pending prompts
+    go in order of length, so each batch pads little."""
+    path = partial_path(pred_dir, name)
+    done = _read_partial(path, prompts, max_new_tokens)
+    pending = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: (len(prompts[i]), i))
+    chunk = max(1, int(getattr(generator, "chunk_size", 0) or batch_size))
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        for start in range(0, len(pending), chunk):
+            idx = pending[start:start + chunk]
+            answers = generator([prompts[i] for i in idx], max_new_tokens=max_new_tokens, desc=name)
+            for i, ans in zip(idx, answers):
+                done[i] = ans
+                f.write(json.dumps({"i": i, "prompt": prompts[i], "max_new_tokens": max_new_tokens,
+                                    "answer": ans}, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return [done[i] for i in range(len(prompts))]
+
+
 def _check_rows(rows: Sequence[Mapping[str, Any]], name: str) -> None:
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping) or "instruction" not in row:
@@ -215,7 +260,7 @@ def evaluate_model(
     if harmful_rows:
         instructions = [str(r["instruction"]) for r in harmful_rows]
         prompts = [format_prompt(i) for i in instructions]
-        answers = generator(prompts, max_new_tokens=max_new_tokens_harmful, desc="harmful")
+        answers = _resumable(generator, prompts, max_new_tokens_harmful, "harmful", pred_dir, batch_size)
         records = [
             {
                 "instruction": ins,
@@ -233,7 +278,7 @@ def evaluate_model(
 
     if task_rows and task_spec.pairwise:
         prompts = [format_prompt(str(r["instruction"]), r.get("input") or None) for r in task_rows]
-        answers = generator(prompts, max_new_tokens=max_new_tokens_task, desc=task_spec.name)
+        answers = _resumable(generator, prompts, max_new_tokens_task, "task", pred_dir, batch_size)
         records = [
             {
                 "instruction": row["instruction"],
@@ -257,7 +302,7 @@ def evaluate_model(
             metrics.update(_pairwise_summary(records, pairwise_obj))
     elif task_rows:
         prompts = [format_prompt(str(r["instruction"]), r.get("input") or None) for r in task_rows]
-        answers = generator(prompts, max_new_tokens=max_new_tokens_task, desc=task_spec.name)
+        answers = _resumable(generator, prompts, max_new_tokens_task, "task", pred_dir, batch_size)
         records = []
         correct = 0
         for row, prompt, ans in zip(task_rows, prompts, answers):
@@ -281,7 +326,7 @@ def evaluate_model(
 
     if benign_rows:
         prompts = [format_prompt(str(r["instruction"]), r.get("input") or None) for r in benign_rows]
-        answers = generator(prompts, max_new_tokens=max_new_tokens_benign, desc="benign")
+        answers = _resumable(generator, prompts, max_new_tokens_benign, "benign", pred_dir, batch_size)
         records = []
         refused = 0
         for row, prompt, ans in zip(benign_rows, prompts, answers):
@@ -303,6 +348,8 @@ def evaluate_model(
         )
 
     atomic_write_json(out / METRICS_FILE, metrics)
+    for name in ("harmful", "task", "benign"):  # everything is in the final files now
+        partial_path(pred_dir, name).unlink(missing_ok=True)
     return metrics
 
 

@@ -92,6 +92,7 @@ class LocalPairwiseJudge(PairwiseJudge):
         trust_remote_code: bool = False,
         dtype: Any = None,
         use_chat_template: bool | None = None,
+        allow_pickle: bool = False,
     ):
         from transformers import AutoModelForCausalLM
 
@@ -108,7 +109,8 @@ class LocalPairwiseJudge(PairwiseJudge):
             raise LisaError(f"pairwise judge max_length must be >= 16 tokens, got {max_length}")
         self.device, dtype = _device_and_dtype(device, dtype)
         self.tokenizer, model = _load_judge_model(self.model_name_or_path, AutoModelForCausalLM, dtype,
-                                                  "a tokenizer and a causal LM", trust_remote_code=trust_remote_code)
+                                                  "a tokenizer and a causal LM", trust_remote_code=trust_remote_code,
+                                                  allow_pickle=allow_pickle)
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
         if use_chat_template and not has_template:
             raise LisaError(f"pairwise judge tokenizer '{self.model_name_or_path}' has no chat template; "

@@ -31,11 +31,15 @@ def _import_vllm():
 class VLLMGenerator:
     """``generator(prompts, max_new_tokens=..., desc=...) -> answers`` backed by one vLLM engine."""
 
+    chunk_size = 1024  # prompts per call (and per append to the partial predictions): vLLM batches inside
+
     def __init__(self, model_path: str, adapter_path: str | None = None, *, dtype: str = "auto",
-                 trust_remote_code: bool = False, **engine_kwargs: Any):
+                 trust_remote_code: bool = False, allow_pickle: bool = False, **engine_kwargs: Any):
         LLM, self._SamplingParams, LoRARequest = _import_vllm()
         self.lora = None
         kwargs = dict(engine_kwargs)
+        if not allow_pickle:  # weights from safetensors only, as everywhere in lisa-align
+            kwargs.setdefault("load_format", "safetensors")
         if adapter_path is not None:
             cfg_path = Path(adapter_path) / "adapter_config.json"
             if not cfg_path.is_file():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from lisa_align.errors import LisaError
@@ -39,9 +41,32 @@ def attach_lora(model, settings: LoraSettings):
     return get_peft_model(model, cfg)
 
 
-def load_adapter(model, path: str, *, is_trainable: bool = False):
+def _hub_has_safetensors_adapter(repo: str) -> bool | None:
+    """Whether the HF repo has ``adapter_model.safetensors`` (None: cannot tell; peft reports why)."""
+    import huggingface_hub
+
+    try:
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            return isinstance(huggingface_hub.try_to_load_from_cache(repo, "adapter_model.safetensors"), str)
+        return bool(huggingface_hub.file_exists(repo, "adapter_model.safetensors"))
+    except Exception:  # not found, gated, no network: peft's own error says which
+        return None
+
+
+def load_adapter(model, path: str, *, is_trainable: bool = False, allow_pickle: bool = False):
+    """A saved LoRA adapter (local folder or HF id) on ``model``, from ``adapter_model.safetensors``
+    only: ``adapter_model.bin`` (pickle) is refused unless ``allow_pickle``."""
     from peft import PeftModel
 
+    from lisa_align.models.loading import check_safe_weights
+
+    path = str(path)
+    check_safe_weights(path, allow_pickle=allow_pickle)
+    local = os.path.exists(os.path.expanduser(path)) or path.startswith(("/", "./", "../", "~"))
+    if not allow_pickle and not local and _hub_has_safetensors_adapter(path) is False:
+        raise LisaError(f"adapter '{path}' has no adapter_model.safetensors: its pickle weights (adapter_model.bin) "
+                        "can run code when loaded; use a copy with safetensors, or pass --allow-pickle "
+                        "(model.allow_pickle: true) if you trust the files")
     try:
         return PeftModel.from_pretrained(model, path, is_trainable=is_trainable)
     except (OSError, ValueError) as e:

@@ -60,10 +60,29 @@ class EWCTrainer(SFTTrainer):
         model.train(was_training)
         return [(f / max(n, 1)).to(p.dtype) for f, p in zip(fisher, params)]
 
+    def trainer_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        if self.reference is None:
+            return {}, {}
+        tensors = {f"reference.{i}": r for i, r in enumerate(self.reference)}
+        tensors.update({f"fisher.{i}": f for i, f in enumerate(self.fisher)})
+        return tensors, {"trainer": "ewc", "global_step": self.state.global_step, "tensors": len(self.reference)}
+
+    def restore_trainer_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        params = self._trainable()
+        if meta.get("tensors") != len(params):
+            raise LisaError(f"the checkpoint {self._resume_dir} holds EWC state for {meta.get('tensors')} tensors, "
+                            f"this model has {len(params)} trainable tensors: start in a new output folder")
+        self.reference = [tensors[f"reference.{i}"].to(p.device, p.dtype) for i, p in enumerate(params)]
+        self.fisher = [tensors[f"fisher.{i}"].to(p.device, p.dtype) for i, p in enumerate(params)]
+
     def training_step(self, model, inputs, num_items_in_batch=None, **kwargs):
         if self.reference is None:
-            self.reference = [p.detach().clone() for p in self._trainable()]
-            self.fisher = self.compute_fisher()
+            resumed = self.resumed_state() if self.state.global_step > 0 else None
+            if resumed is not None:  # w0 and F of the start of fine-tuning, not of the resume step
+                self.restore_trainer_state(*resumed)
+            else:
+                self.reference = [p.detach().clone() for p in self._trainable()]
+                self.fisher = self.compute_fisher()
         step = self.state.global_step
         loss = super().training_step(model, inputs, num_items_in_batch, **kwargs)
         if step != self._pull_step:

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lisa_align.errors import LisaError
-from lisa_align.training.penalty import add_pull_gradient, grad_scale
+from lisa_align.training.penalty import add_pull_gradient, grad_scale, pull_distance
 from lisa_align.training.sampler import BiStateBatchSampler, steps_per_epoch
 from lisa_align.training.schedule import ALIGNMENT, BiStateSchedule, validate_lisa_settings
 from lisa_align.training.sft import SFTTrainer, TrainArguments, model_columns
@@ -123,15 +123,49 @@ class LisaTrainer(SFTTrainer):
         """‖w − anchor‖ over the trainable weights."""
         if self._anchor is None:
             return 0.0
-        sq = sum(float(torch.linalg.vector_norm((p.detach() - a).float()) ** 2)
-                 for p, a in zip(self._trainable(), self._anchor))
-        return math.sqrt(sq)
+        return pull_distance(self._trainable(), self._anchor)
+
+    # ---- checkpointed state -----------------------------------------------------------------
+    def trainer_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        if self._anchor is None or self.schedule is None:
+            return {}, {}
+        step, sch = self.state.global_step, self.schedule
+        done = max(step - 1, 0)  # the last step taken
+        per_step = self.args.gradient_accumulation_steps * self.args.world_size * self.args.per_device_train_batch_size
+        meta = {"trainer": "lisa", "global_step": step, "k1": sch.k1, "k2": sch.k2, "total_steps": sch.total_steps,
+                "rho": self.args.rho, "state": sch.state(done), "last_switch": sch.last_switch(done),
+                "clock": step - sch.last_switch(done),  # steps taken in the current state
+                "next_state": sch.state(step) if step < sch.total_steps else None,
+                "stream_positions": {s: sch.count_before(s, step) * per_step for s in (ALIGNMENT, "finetune")},
+                "anchor_tensors": len(self._anchor), "switch_log": self.switch_log}
+        return {f"anchor.{i}": a for i, a in enumerate(self._anchor)}, meta
+
+    def restore_trainer_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        sch = self.schedule
+        if (meta.get("k1"), meta.get("k2"), meta.get("total_steps")) != (sch.k1, sch.k2, sch.total_steps):
+            raise LisaError(f"the checkpoint {self._resume_dir} was written with K1/K2={meta.get('k1')}/{meta.get('k2')} "
+                            f"over {meta.get('total_steps')} steps, this run has {sch.k1}/{sch.k2} over "
+                            f"{sch.total_steps}: resume with the same settings, or start in a new output folder")
+        params = self._trainable()
+        if len(tensors) != len(params):
+            raise LisaError(f"the checkpoint {self._resume_dir} holds {len(tensors)} anchor tensors for "
+                            f"{len(params)} trainable tensors: it belongs to another model or LoRA setting")
+        self._anchor = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for i, a in enumerate(self._anchor):
+                local = a.to_local() if hasattr(a, "to_local") else a
+                local.copy_(tensors[f"anchor.{i}"].to(local.device, local.dtype))
+        self.switch_log = list(meta.get("switch_log", []))
 
     def _begin_step(self, step: int) -> None:
         params = self._trainable()
         if self._anchor is None:
-            self._anchor = [p.detach().clone() for p in params]
-        elif self.schedule.is_switch(step):
+            resumed = self.resumed_state() if step > 0 else None
+            if resumed is not None:  # the anchor of the interrupted run, not the weights at the resume step
+                self.restore_trainer_state(*resumed)
+            else:
+                self._anchor = [p.detach().clone() for p in params]
+        if step > 0 and self.schedule.is_switch(step):
             drift = self.drift()
             rho = self.args.rho
             record = {"lisa/step": step, "lisa/state": self.schedule.state(step),

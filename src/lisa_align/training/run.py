@@ -13,7 +13,7 @@ from lisa_align.data.templates import IGNORE_INDEX, tokenize_rows
 from lisa_align.data.tokenized_cache import tokenize_rows_cached
 from lisa_align.io import append_jsonl
 from lisa_align.models.lora import attach_lora
-from lisa_align.training.callbacks import JsonlLogCallback
+from lisa_align.training.callbacks import JsonlLogCallback, NonFiniteGuard, last_good_checkpoint
 from lisa_align.training.ewc import EWCArguments, EWCTrainer
 from lisa_align.training.lisa import LisaArguments, LisaTrainer
 from lisa_align.training.sft import SFTTrainer, TrainArguments
@@ -67,8 +67,6 @@ def train_stage(model, tokenizer, rows: list[dict], stage: StageSettings, output
     Fisher); returns the trained model
     (a PEFT model when ``stage.lora`` is set). Checkpoints go to ``output_dir`` and a run resumes
     from the newest one."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     if stage.lora is not None:
         model = attach_lora(model, stage.lora)
     args = training_arguments(stage, output_dir, seed=seed, use_cpu=use_cpu, lisa=lisa, ewc_lambda=ewc_lambda,
@@ -76,6 +74,7 @@ def train_stage(model, tokenizer, rows: list[dict], stage: StageSettings, output
     train_ds = _tokenized(rows, tokenizer, max_length, log_path, log_tag, "train")
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     callbacks = [JsonlLogCallback(log_path, stage=log_tag)] if log_path else []
+    callbacks.append(NonFiniteGuard(log_tag))  # after the log: the nan record reaches log.jsonl, then training stops
     kwargs = dict(model=model, args=args, train_dataset=train_ds, data_collator=collator,
                   processing_class=tokenizer, callbacks=callbacks)
     if ewc_lambda is not None:
@@ -90,8 +89,10 @@ def train_stage(model, tokenizer, rows: list[dict], stage: StageSettings, output
                               "alignment") if alignment_rows else None
         trainer = LisaTrainer(**kwargs, alignment_dataset=align_ds)
     trainer.remove_callback(PrinterCallback)  # logs go to log.jsonl (and report_to), not stdout
-    last = get_last_checkpoint(str(output_dir)) if resume and Path(output_dir).is_dir() else None
+    last = last_good_checkpoint(output_dir) if resume else None
     if last:
         log.info("resuming from %s", last)
-    trainer.train(resume_from_checkpoint=last)
+        if log_path and trainer.is_world_process_zero():
+            append_jsonl(log_path, {"event": "resume", "stage": log_tag, "checkpoint": str(last)})
+    trainer.train(resume_from_checkpoint=str(last) if last else None)
     return trainer.model, trainer

@@ -8,8 +8,11 @@ small models (design.md §4).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,8 @@ from transformers import Trainer, TrainingArguments
 
 from lisa_align.data.templates import IGNORE_INDEX
 from lisa_align.errors import LisaError
+from lisa_align.io import atomic_write_json
+from lisa_align.training.callbacks import check_finite_loss, guarded_checkpoint
 
 LOSS_REDUCTIONS = ("token", "example")
 MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
@@ -53,6 +58,28 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return (tok * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
+STATE_TENSORS = "lisa_align_state.safetensors"
+STATE_META = "lisa_align_state.json"
+
+
+def _sharded(trainer) -> bool:
+    """FSDP: each rank holds its own shard of the parameters (and of Lisa's anchor)."""
+    return bool(getattr(trainer, "is_fsdp_enabled", False))
+
+
+def _state_name(name: str, trainer) -> str:
+    """One state file, or one per rank when the parameters are sharded (FSDP)."""
+    if _sharded(trainer) and trainer.args.world_size > 1:
+        stem, dot, ext = name.partition(".")
+        return f"{stem}.rank{trainer.args.process_index}{dot}{ext}"
+    return name
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class SFTTrainer(Trainer):
     """``transformers.Trainer`` plus ``loss_reduction``; the base of every trainer in lisa-align."""
 
@@ -62,6 +89,54 @@ class SFTTrainer(Trainer):
             # compute_loss returns a batch mean; the Trainer divides it by the accumulation steps.
             self.loss_is_scaled_for_ga = False
         self._params: list[torch.nn.Parameter] | None = None
+
+    # ---- trainer state that must survive a resume (Lisa's anchor, EWC's reference and Fisher) ----
+    def trainer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON metadata) this trainer adds to each checkpoint; none for plain SFT."""
+        return {}, {}
+
+    def restore_trainer_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Take back what :meth:`trainer_state` saved (called once, when a resumed run starts)."""
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        self._resume_dir = resume_from_checkpoint or None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def resumed_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """What the checkpoint this run resumed from holds for this trainer (None: a fresh run, or a
+        checkpoint written without it)."""
+        folder = getattr(self, "_resume_dir", None)
+        if not folder:
+            return None
+        meta_path = Path(folder) / _state_name(STATE_META, self)
+        if not meta_path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        tensor_path = Path(folder) / _state_name(STATE_TENSORS, self)
+        tensors = load_file(str(tensor_path)) if tensor_path.is_file() else {}
+        return tensors, json.loads(meta_path.read_text(encoding="utf-8"))
+
+    @guarded_checkpoint  # no checkpoint of nan/inf weights; a full disk leaves no half-written folder
+    def _save_checkpoint(self, model, trial):
+        # Written into the checkpoint folder before the Trainer's own files: trainer_state.json, the
+        # Trainer's last file, marks a complete checkpoint (see callbacks.last_good_checkpoint).
+        tensors, meta = self.trainer_state()
+        if meta and (self.args.should_save or _sharded(self)):
+            from safetensors.torch import save_file
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            if tensors:
+                save_file({k: _local(v).detach().contiguous().cpu() for k, v in tensors.items()},
+                          str(folder / _state_name(STATE_TENSORS, self)))
+            atomic_write_json(folder / _state_name(STATE_META, self), meta)
+        super()._save_checkpoint(model, trial)
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         """The trainable parameters (LoRA A/B under LoRA), in a fixed order; what the penalties act on."""
@@ -78,3 +153,11 @@ class SFTTrainer(Trainer):
         outputs = model(**inputs)
         loss = per_example_loss(outputs.logits, labels).mean()
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None, **kwargs):
+        """The Trainer's step, stopped at once (one-line LisaError naming the stage and the optimizer
+        step) when the micro-batch loss is nan or inf: before the optimizer applies its gradient, so the
+        weights and every checkpoint written so far stay finite."""
+        loss = super().training_step(model, inputs, num_items_in_batch, **kwargs)
+        check_finite_loss(self, loss)
+        return loss
