@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<10}{n:>8}{mnt:>8}{b:>13.1f}{o:>16.1f}{b / o:>8.2f}x")
     total = by_set.pop("all")
     print(f"speedup (batched / one-by-one, all prompts): {total['speedup']:.2f}x; "
-          f"answers {'identical' if identical else 'DIFFER'}")
+          f"outputs {'identical' if identical else 'DIFFER'}")
     print(json.dumps({"speedup": total["speedup"], "identical": identical,
                       "prompts_per_s_batched": total["prompts_per_s_batched"],
                       "prompts_per_s_one_by_one": total["prompts_per_s_one_by_one"],
