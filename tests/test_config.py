@@ -202,7 +202,7 @@ def test_demo_preset_validates():
     assert (cfg.data.n, cfg.data.p) == (1000, 0.1)
     assert cfg.data.user.source == "synthetic:sst2"
     assert [m.name for m in cfg.finetune.methods] == ["sft", "bso", "lisa"]
-    assert (cfg.finetune.lisa.k1, cfg.finetune.lisa.k2, cfg.finetune.lisa.rho) == (2, 18, 1.0)
+    assert (cfg.finetune.lisa.k1, cfg.finetune.lisa.k2, cfg.finetune.lisa.rho) == (6, 57, 1.0)
     assert cfg.eval.judge == "refusal"
     assert cfg.align.lora is None and cfg.finetune.lora is None
     for spec in (cfg.eval.harmful, cfg.eval.task, cfg.eval.benign):
@@ -260,3 +260,16 @@ def test_method_defaults_of_the_reference():
     assert MethodSpec(name="ewc").ewc_strength == 0.001
     assert MethodSpec(name="ewc", ewc_lambda=0.5).ewc_strength == 0.5
     assert MethodSpec(name="sft").vlguard_rows is None and MethodSpec(name="sft").ewc_strength is None
+
+
+def test_demo_and_embedded_table3_share_every_setting_but_the_grid():
+    """The demo is the p = 0.1 column of the embedded Table 3 (same model, data, stages, schedule)."""
+    demo = config_to_dict(load_config(preset_path("demo")))
+    t3 = config_to_dict(load_config(ROOT / "configs" / "embedded" / "table3.yaml"))
+    for key in ("model", "data", "align"):
+        assert demo[key] == t3[key], key
+    assert {k: v for k, v in demo["eval"].items() if k != "models"} == \
+        {k: v for k, v in t3["eval"].items() if k != "models"}  # the demo also evaluates base and aligned
+    assert demo["finetune"]["lisa"] == t3["finetune"]["lisa"]
+    assert {k: v for k, v in demo["finetune"].items() if k != "methods"} == \
+        {k: v for k, v in t3["finetune"].items() if k != "methods"}

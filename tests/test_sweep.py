@@ -191,3 +191,20 @@ def test_a_sweep_config_with_a_python_tag_is_refused_in_one_line(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "!!python/object/apply:os.system" in err and "not allowed" in err
     assert not (tmp_path / "pwned").exists()
+
+
+def test_sweep_seed_axis_reaches_the_synthetic_training_data(config):
+    """A sweep's seed=N run trains on the same synthetic data as `lisa run CONFIG seed=N`: the run seed is
+    resolved into the training sources before the run config is written (evaluation sets keep theirs)."""
+    from lisa_align.config import load_config, validate_config
+    from lisa_align.pipeline import load_run_data
+
+    root, runs = plan(str(config), ["seed=0,1"])
+    for raw in runs:
+        d = raw["data"]
+        assert d["user"]["seed"] == d["harmful"]["seed"] == d["alignment"][0]["seed"] == raw["seed"]
+        assert raw["eval"]["harmful"]["seed"] == 7
+    swept = load_run_data(validate_config(runs[1]))
+    direct = load_run_data(load_config(config, ["seed=1"]))
+    assert swept.user == direct.user and swept.alignment == direct.alignment
+    assert swept.user != load_run_data(validate_config(runs[0])).user

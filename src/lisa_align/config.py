@@ -317,6 +317,17 @@ class RunConfig(_Strict):
                                  + _suggest(k, ["base", "aligned", "methods", *keys]))
         return self
 
+    @model_validator(mode="after")
+    def _synthetic_training_data_follows_the_seed(self):
+        """Synthetic training sources (user, harmful, alignment) are generated with the run seed unless
+        they name their own. Resolved here, so the written config.yaml holds the seed really used and a
+        sweep's or a saved config's runs get the same data as `lisa run ... seed=N`."""
+        d = self.data
+        for spec in (d.user, d.harmful, *d.alignment):
+            if spec.source.startswith("synthetic:") and "seed" not in spec.model_fields_set:
+                spec.seed = self.seed  # assignment marks the field as set: a re-validated dump keeps it
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name

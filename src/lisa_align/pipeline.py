@@ -29,7 +29,7 @@ import yaml
 
 from lisa_align.config import MethodSpec, RunConfig, config_to_dict
 from lisa_align.data.mixing import mix_harmful, remove_overlap
-from lisa_align.data.sources import SourceSpec, load_rows
+from lisa_align.data.sources import load_rows
 from lisa_align.errors import LisaError
 from lisa_align.io import append_jsonl, atomic_write_json, atomic_write_yaml, read_json
 
@@ -47,20 +47,13 @@ class RunData:
     dropped_overlap: dict[str, int] = field(default_factory=dict)
 
 
-def _seeded(spec: SourceSpec, seed: int) -> SourceSpec:
-    """Synthetic training sources follow the run seed unless they name their own."""
-    if spec.source.startswith("synthetic:") and "seed" not in spec.model_fields_set:
-        return spec.model_copy(update={"seed": seed})
-    return spec
-
-
 def load_run_data(cfg: RunConfig) -> RunData:
     d = cfg.data
-    benign = load_rows(_seeded(d.user, cfg.seed))
-    harmful = load_rows(_seeded(d.harmful, cfg.seed))
+    benign = load_rows(d.user)
+    harmful = load_rows(d.harmful)
     user = mix_harmful(benign, harmful, n=d.n, p=d.p, seed=cfg.seed,
                        benign_name=d.user.describe(), harmful_name=d.harmful.describe())
-    alignment = [r for spec in d.alignment for r in load_rows(_seeded(spec, cfg.seed))]
+    alignment = [r for spec in d.alignment for r in load_rows(spec)]
     train = user + alignment
     out = RunData(user=user, alignment=alignment, eval_harmful=[], eval_task=[])
     for name, spec in (("harmful", cfg.eval.harmful), ("task", cfg.eval.task), ("benign", cfg.eval.benign)):
