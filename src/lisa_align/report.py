@@ -61,6 +61,17 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): json.dumps(d, sort_keys=True) if isinstance(d, list) else d}
 
 
+def _without_run_seed(raw: dict) -> dict:
+    """The config without the run seed resolved into the synthetic training sources: it varies with
+    the seed, which is averaged over, not a setting."""
+    raw = json.loads(json.dumps(raw))
+    data = raw.get("data") or {}
+    for spec in [data.get("user"), data.get("harmful"), *(data.get("alignment") or [])]:
+        if isinstance(spec, dict) and spec.get("seed") == raw.get("seed"):
+            spec.pop("seed")
+    return raw
+
+
 def _is_setting_key(key: str) -> bool:
     return not any(key == k or key.startswith(k + ".") for k in _NOT_SETTINGS)
 
@@ -109,7 +120,7 @@ def collect(root: str | Path) -> Report:
         except LisaError as e:
             raise LisaError(f"{run}: its config.yaml is not a valid run config ({e})") from None
         runs.append((run, raw, cfg, read_json(run / "summary.json")))
-    flat = [_flatten(raw) for _, raw, _, _ in runs]
+    flat = [_flatten(_without_run_seed(raw)) for _, raw, _, _ in runs]
     keys = sorted({k for f in flat for k in f if _is_setting_key(k)})
     varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
 
