@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import os
 import sys
@@ -123,13 +122,10 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _summary_row(m: dict) -> dict:
-    return {"hs": m.get("hs"), "fa": m.get("fa"), "over_refusal": m.get("over_refusal")}
-
-
 def _rejudge_harmful(run: Path, args, summary: dict) -> None:
     from lisa_align.evaluation import cohen_kappa, get_judge, rejudge
-    from lisa_align.io import atomic_write_json, read_json
+    from lisa_align.io import atomic_write_json, read_json, read_jsonl
+    from lisa_align.pipeline import summary_row
 
     evals = sorted(p for p in (run / "eval").glob("*") if (p / "predictions" / "harmful.jsonl").is_file())
     if not evals:
@@ -143,16 +139,16 @@ def _rejudge_harmful(run: Path, args, summary: dict) -> None:
     judge = get_judge(args.judge, **kwargs)
     for out in evals:
         preds = out / "predictions" / "harmful.jsonl"
-        before = [json.loads(line) for line in preds.read_text(encoding="utf-8").splitlines() if line.strip()]
+        before = read_jsonl(preds)
         old_judge = (read_json(out / "metrics.json") if (out / "metrics.json").is_file() else {}).get("judge")
         m = rejudge(out, judge)
         if old_judge and old_judge != judge.name and before and all("flagged" in r for r in before):
-            after = [json.loads(line) for line in preds.read_text(encoding="utf-8").splitlines() if line.strip()]
+            after = read_jsonl(preds)
             kappa = cohen_kappa([bool(r["flagged"]) for r in before], [bool(r["flagged"]) for r in after])
             m.setdefault("judge_agreement", {})[f"{old_judge}~{judge.name}"] = {"cohen_kappa": kappa}
             atomic_write_json(out / "metrics.json", m)
             print(f"{out.name}: Cohen's kappa {old_judge} vs {judge.name} = {kappa:.3f}")
-        summary[out.name] = _summary_row(m)
+        summary[out.name] = summary_row(m)
     print(f"judge: {judge.name}")
 
 
@@ -160,6 +156,7 @@ def _rejudge_pairwise(run: Path, args, summary: dict) -> None:
     from lisa_align.evaluation import get_pairwise_judge, rejudge_pairwise
     from lisa_align.evaluation.tasks import get_task
     from lisa_align.io import read_json
+    from lisa_align.pipeline import summary_row
 
     evals = [p for p in sorted((run / "eval").glob("*")) if (p / "predictions" / "task.jsonl").is_file()
              and (p / "metrics.json").is_file() and get_task(read_json(p / "metrics.json").get("task") or "sst2").pairwise]
@@ -173,7 +170,7 @@ def _rejudge_pairwise(run: Path, args, summary: dict) -> None:
     judge = get_pairwise_judge(args.pairwise_judge, model_name_or_path=args.pairwise_judge_model, **allow)
     for out in evals:
         m = rejudge_pairwise(out, judge)
-        summary[out.name] = _summary_row(m)
+        summary[out.name] = summary_row(m)
         print(f"{out.name}: win rate {m['fa']:.1f}% ({judge.name})")
 
 

@@ -169,6 +169,12 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSONL file written by :func:`atomic_write_jsonl` (blank lines skipped)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)

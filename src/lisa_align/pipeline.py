@@ -325,7 +325,7 @@ class Pipeline:
         if self.is_main:  # generation and judging run in the main process; the others wait
             for key in self.model_keys():
                 m = self.evaluate(key)
-                summary[key] = {"hs": m.get("hs"), "fa": m.get("fa"), "over_refusal": m.get("over_refusal")}
+                summary[key] = summary_row(m)
             atomic_write_json(self.run_dir / "summary.json", summary)
         self.dist.wait_for_everyone()
         if not self.is_main:
@@ -362,6 +362,11 @@ def _save_atomically(out: Path, model, tokenizer) -> None:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def summary_row(metrics: dict) -> dict:
+    """A model's entry in summary.json: its HS, FA and over-refusal."""
+    return {"hs": metrics.get("hs"), "fa": metrics.get("fa"), "over_refusal": metrics.get("over_refusal")}
 
 
 def config_diff(cfg: RunConfig) -> list[str]:

@@ -30,7 +30,7 @@ from lisa_align.evaluation.generation import generate
 from lisa_align.evaluation.judges import BEAVERTAILS_CATEGORIES, Judge, Verdict, get_judge, is_refusal
 from lisa_align.evaluation.pairwise import PairwiseJudge, get_pairwise_judge, win_rate
 from lisa_align.evaluation.tasks import get_task
-from lisa_align.io import atomic_write_json, atomic_write_jsonl, read_json
+from lisa_align.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 
 __all__ = ["evaluate_model", "rejudge", "rejudge_pairwise", "row_categories", "FA_PENDING"]
 
@@ -353,15 +353,6 @@ def evaluate_model(
     return metrics
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
-    return rows
-
-
 def rejudge(out_dir: str | os.PathLike, judge: Judge | str) -> dict[str, Any]:
     """Re-score ``out_dir/predictions/harmful.jsonl`` with ``judge`` (no generation).
 
@@ -373,7 +364,7 @@ def rejudge(out_dir: str | os.PathLike, judge: Judge | str) -> dict[str, Any]:
     if not path.is_file():
         raise LisaError(f"no saved harmful predictions at {path}: run the evaluation first")
     judge_obj = _resolve_judge(judge)
-    records = _read_jsonl(path)
+    records = read_jsonl(path)
     prompts = [str(r["instruction"]) for r in records]
     answers = [str(r.get("answer") or "") for r in records]
     _apply_verdicts(records, judge_obj.score(prompts, answers), judge_obj.name)
@@ -403,7 +394,7 @@ def rejudge_pairwise(out_dir: str | os.PathLike, judge: PairwiseJudge | str) -> 
     if task is not None and not get_task(task).pairwise:
         raise LisaError(f"{out}: task '{task}' is scored per answer, not by a pairwise judge; "
                         "pairwise judges apply to alpaca_eval runs")
-    records = _read_jsonl(path)
+    records = read_jsonl(path)
     if not records:
         raise LisaError(f"{path} holds no predictions: run the evaluation again")
     _check_references(records, str(path), "reference")
