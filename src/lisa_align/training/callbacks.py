@@ -88,14 +88,18 @@ def check_finite_loss(trainer, loss) -> None:
                               trainer.args.output_dir)
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def first_nonfinite_weight(model) -> tuple[str, float] | None:
     """(name, a bad value) of the first trainable parameter holding nan or inf; None if all are finite.
     Under FSDP2 each rank checks its own shard."""
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue  # frozen weights do not change
-        t = p.detach()
-        t = t.to_local() if hasattr(t, "to_local") else t
+        t = local_shard(p.detach())
         if t.numel() and not bool(torch.isfinite(t).all()):
             flat = t.reshape(-1)
             return name, _value(flat[~torch.isfinite(flat)][0])

@@ -76,13 +76,9 @@ class EWCTrainer(SFTTrainer):
         self.fisher = [tensors[f"fisher.{i}"].to(p.device, p.dtype) for i, p in enumerate(params)]
 
     def training_step(self, model, inputs, num_items_in_batch=None, **kwargs):
-        if self.reference is None:
-            resumed = self.resumed_state() if self.state.global_step > 0 else None
-            if resumed is not None:  # w0 and F of the start of fine-tuning, not of the resume step
-                self.restore_trainer_state(*resumed)
-            else:
-                self.reference = [p.detach().clone() for p in self._trainable()]
-                self.fisher = self.compute_fisher()
+        if self.reference is None and not self.restore_if_resumed():  # w0 and F of the start of fine-tuning
+            self.reference = [p.detach().clone() for p in self._trainable()]
+            self.fisher = self.compute_fisher()
         step = self.state.global_step
         loss = super().training_step(model, inputs, num_items_in_batch, **kwargs)
         if step != self._pull_step:

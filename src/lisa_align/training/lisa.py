@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lisa_align.errors import LisaError
+from lisa_align.training.callbacks import local_shard
 from lisa_align.training.penalty import add_pull_gradient, grad_scale, pull_distance
 from lisa_align.training.sampler import BiStateBatchSampler, steps_per_epoch
 from lisa_align.training.schedule import ALIGNMENT, BiStateSchedule, validate_lisa_settings
@@ -153,18 +154,14 @@ class LisaTrainer(SFTTrainer):
         self._anchor = [p.detach().clone() for p in params]
         with torch.no_grad():
             for i, a in enumerate(self._anchor):
-                local = a.to_local() if hasattr(a, "to_local") else a
+                local = local_shard(a)
                 local.copy_(tensors[f"anchor.{i}"].to(local.device, local.dtype))
         self.switch_log = list(meta.get("switch_log", []))
 
     def _begin_step(self, step: int) -> None:
         params = self._trainable()
-        if self._anchor is None:
-            resumed = self.resumed_state() if step > 0 else None
-            if resumed is not None:  # the anchor of the interrupted run, not the weights at the resume step
-                self.restore_trainer_state(*resumed)
-            else:
-                self._anchor = [p.detach().clone() for p in params]
+        if self._anchor is None and not self.restore_if_resumed():
+            self._anchor = [p.detach().clone() for p in params]
         if step > 0 and self.schedule.is_switch(step):
             drift = self.drift()
             rho = self.args.rho

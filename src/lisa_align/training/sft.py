@@ -21,7 +21,7 @@ from transformers import Trainer, TrainingArguments
 from lisa_align.data.templates import IGNORE_INDEX
 from lisa_align.errors import LisaError
 from lisa_align.io import atomic_write_json
-from lisa_align.training.callbacks import check_finite_loss, guarded_checkpoint
+from lisa_align.training.callbacks import check_finite_loss, guarded_checkpoint, local_shard
 
 LOSS_REDUCTIONS = ("token", "example")
 MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
@@ -75,11 +75,6 @@ def _state_name(name: str, trainer) -> str:
     return name
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), else the tensor."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 class SFTTrainer(Trainer):
     """``transformers.Trainer`` plus ``loss_reduction``; the base of every trainer in lisa-align."""
 
@@ -121,6 +116,15 @@ class SFTTrainer(Trainer):
         tensors = load_file(str(tensor_path)) if tensor_path.is_file() else {}
         return tensors, json.loads(meta_path.read_text(encoding="utf-8"))
 
+    def restore_if_resumed(self) -> bool:
+        """At the first step of a resumed run, take back this trainer's state from the checkpoint (not
+        re-taken at the resume step); False on a fresh run or a checkpoint written without it."""
+        state = self.resumed_state() if self.state.global_step > 0 else None
+        if state is None:
+            return False
+        self.restore_trainer_state(*state)
+        return True
+
     @guarded_checkpoint  # no checkpoint of nan/inf weights; a full disk leaves no half-written folder
     def _save_checkpoint(self, model, trial):
         # Written into the checkpoint folder before the Trainer's own files: trainer_state.json, the
@@ -133,7 +137,7 @@ class SFTTrainer(Trainer):
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             folder.mkdir(parents=True, exist_ok=True)
             if tensors:
-                save_file({k: _local(v).detach().contiguous().cpu() for k, v in tensors.items()},
+                save_file({k: local_shard(v).detach().contiguous().cpu() for k, v in tensors.items()},
                           str(folder / _state_name(STATE_TENSORS, self)))
             atomic_write_json(folder / _state_name(STATE_META, self), meta)
         super()._save_checkpoint(model, trial)
