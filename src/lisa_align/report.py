@@ -171,8 +171,7 @@ def aggregate(report: Report) -> dict[tuple[str, str], dict[str, tuple]]:
 def _methods(report: Report) -> list[str]:
     order = ["base", "aligned", "na_sft", "sft", "ewc", "vlguard", "bso", "lisa"]
     labels = list(dict.fromkeys(r["label"] for r in report.rows))
-    rank = {lab: (order.index(r["method"]) if r["method"] in order else len(order)) for r in report.rows
-            for lab in [r["label"]]}
+    rank = {r["label"]: (order.index(r["method"]) if r["method"] in order else len(order)) for r in report.rows}
     return sorted(labels, key=lambda lab: (rank[lab], labels.index(lab)))
 
 
