@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -26,6 +25,7 @@ from lisa_align.evaluation import (
     REFUSAL_PREFIXES,
     TASKS,
     BeaverDamJudge,
+    EvalSet,
     Judge,
     RefusalJudge,
     Task,
@@ -40,9 +40,14 @@ from lisa_align.evaluation import (
     parse_label,
     register_task,
     rejudge,
+    rejudge_run,
     score_task,
+    summary_row,
 )
 from lisa_align.evaluation import evaluate as evaluate_mod
+from lisa_align.rundir import RunDir
+
+from conftest import tiny_llama_config, word_tokenizer
 
 # --------------------------------------------------------------------------------------------------
 # Tiny offline tokenizer and models
@@ -60,18 +65,13 @@ WORDS = (
 
 def build_tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
     """A case-insensitive word-level tokenizer over WORDS (unknown words -> [UNK])."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(set(WORDS)))}
-
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     kwargs = {"pad_token": "[PAD]"} if pad else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>", **kwargs)
+    return word_tokenizer(SPECIALS + sorted(set(WORDS)), unk_token="[UNK]", lowercase=True, eos_token="</s>", **kwargs)
 
 
 def llama_config(tokenizer, **extra) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
+    return tiny_llama_config(
+        len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -661,3 +661,88 @@ def test_rejudge(tmp_path, canned_generation):
     assert rejudge(tmp_path, "refusal")["hs"] == 50.0
     with pytest.raises(LisaError, match="no saved harmful predictions"):
         rejudge(tmp_path / "empty", "refusal")
+
+
+def test_summary_row():
+    assert summary_row({"hs": 1.5, "fa": None, "over_refusal": 2.0, "n_harmful": 3}) == \
+        {"hs": 1.5, "fa": None, "over_refusal": 2.0}
+    assert summary_row({}) == {"hs": None, "fa": None, "over_refusal": None}
+
+
+def test_eval_set_runs_a_new_kind_of_set(tmp_path):
+    """A kind of evaluation set is one EvalSet: prompts, records, summary; answers resume from its partial file."""
+    rows = [{"instruction": "bbbb"}, {"instruction": "a"}]
+    eval_set = EvalSet("echo", rows, 7, lambda row: row["instruction"],
+                       lambda row, prompt, answer: {"prompt": prompt, "answer": answer, "long": len(answer) > 4},
+                       lambda records: {"n_echo": len(records), "n_long": sum(r["long"] for r in records)})
+    calls = []
+
+    def generator(prompts, *, max_new_tokens, desc):
+        calls.append((list(prompts), max_new_tokens, desc))
+        return [p * 2 for p in prompts]
+
+    ev = RunDir(tmp_path).eval("m")
+    assert eval_set.run(generator, ev, batch_size=1) == {"n_echo": 2, "n_long": 1}
+    assert calls == [(["a"], 7, "echo"), (["bbbb"], 7, "echo")]  # shortest first, one batch at a time
+    assert read_jsonl(ev.predictions("echo")) == [{"prompt": "bbbb", "answer": "bbbbbbbb", "long": True},
+                                                  {"prompt": "a", "answer": "aa", "long": False}]
+    calls.clear()
+    assert eval_set.run(generator, ev, batch_size=1) == {"n_echo": 2, "n_long": 1}
+    assert calls == []  # every answer came back from .echo.partial.jsonl
+    assert ev.partial("echo").is_file()
+
+
+def _evaluated_run(root: Path, models=("sft", "aligned"), **sets) -> RunDir:
+    run = RunDir(root)
+    sets = sets or {"harmful_rows": HARMFUL_ROWS, "task_rows": TASK_ROWS, "task": "sst2", "benign_rows": BENIGN_ROWS}
+    for model in models:
+        evaluate_model(None, None, out_dir=run.eval(model).path, judge="refusal", **sets)
+    return run
+
+
+def test_rejudge_run_updates_metrics_kappa_and_summary(tmp_path, canned_generation):
+    run = _evaluated_run(tmp_path / "run")
+    run.summary.write_text(json.dumps({"sft": {"hs": 1.0, "fa": 2.0, "over_refusal": 3.0},
+                                       "gone": {"hs": 4.0, "fa": None, "over_refusal": None}}))
+    canned_generation.clear()
+    lines = []
+    judge = FakeJudge()  # flags "step": rows [F, T, F, F] against the refusal judge's [F, T, T, F]
+    summary = rejudge_run(run.path, judge=judge, echo=lines.append)
+    assert canned_generation == [] and len(judge.calls) == 2  # no generation; one call per model
+    for model in ("sft", "aligned"):
+        m = run.eval(model).read_metrics()
+        assert m["judge"] == "fake" and m["hs"] == 25.0 and m["fa"] == 60.0 and m["over_refusal"] == 50.0
+        # po = 3/4, pe = 1/2 * 1/4 + 1/2 * 3/4 = 1/2: kappa = (3/4 - 1/2) / (1 - 1/2)
+        assert m["judge_agreement"] == {"refusal~fake": {"cohen_kappa": pytest.approx(0.5)}}
+        assert summary[model] == summary_row(m)
+    assert summary["gone"] == {"hs": 4.0, "fa": None, "over_refusal": None}  # other rows are kept
+    assert json.loads(run.summary.read_text()) == summary
+    assert lines == ["aligned: Cohen's kappa refusal vs fake = 0.500", "sft: Cohen's kappa refusal vs fake = 0.500",
+                     "judge: fake"]
+    assert not list(run.path.rglob("*.tmp"))
+
+    # the same judge again: nothing to compare with, no new agreement
+    lines.clear()
+    rejudge_run(run, judge=FakeJudge(), echo=lines.append)
+    assert lines == ["judge: fake"]
+    # by name, as `lisa evaluate --judge refusal`: back to the first numbers
+    summary = rejudge_run(run, judge="refusal", echo=lines.append)
+    assert summary["sft"]["hs"] == 50.0 and lines[-2:] == ["sft: Cohen's kappa fake vs refusal = 0.500",
+                                                          "judge: refusal"]
+
+
+def test_rejudge_run_errors(tmp_path, canned_generation):
+    with pytest.raises(LisaError, match="nothing to judge: pass --judge X"):
+        rejudge_run(tmp_path)
+    with pytest.raises(LisaError, match="no eval/ folder with saved predictions"):
+        rejudge_run(tmp_path / "missing", judge="refusal")
+    run = _evaluated_run(tmp_path / "run", models=("base",), benign_rows=BENIGN_ROWS)
+    with pytest.raises(LisaError, match=r"no saved predictions under eval/\*/predictions/harmful.jsonl") as e:
+        rejudge_run(run.path, judge="refusal", echo=pytest.fail)
+    assert "\n" not in str(e.value)
+    # an sst2 run has nothing for a pairwise judge (the judge model is never loaded)
+    run = _evaluated_run(tmp_path / "sst2", models=("base",), task_rows=TASK_ROWS, task="sst2")
+    with pytest.raises(LisaError, match="no alpaca_eval predictions to judge"):
+        rejudge_run(run.path, pairwise_judge_model=str(tmp_path / "no-such-judge"), echo=pytest.fail)
+    assert not run.summary.exists()  # nothing judged, nothing written
+

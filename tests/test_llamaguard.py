@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lisa_align.errors import LisaError
 from lisa_align.evaluation import (
@@ -15,6 +13,8 @@ from lisa_align.evaluation import (
     get_judge,
     parse_llama_guard,
 )
+
+from conftest import tiny_llama, word_tokenizer
 
 TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
             "<s> verdict :")
@@ -38,15 +38,9 @@ def test_parse_llama_guard(text, flagged, cats):
 def guard_dir(tmp_path_factory):
     words = ["<unk>", "<pad>", "<s>", "</s>", "user", "assistant", ":", "verdict", "safe", "unsafe", "S1",
              "how", "to", "sure", "sorry", "no"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                 eos_token="</s>")
-    hf.chat_template = TEMPLATE
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                         pad_token_id=1, bos_token_id=2, eos_token_id=3))
+    hf = word_tokenizer(words, pre_tokenizer="WhitespaceSplit", chat_template=TEMPLATE, pad_token="<pad>",
+                        bos_token="<s>", eos_token="</s>")
+    model = tiny_llama(len(words), pad_token_id=1, bos_token_id=2, eos_token_id=3)
     path = tmp_path_factory.mktemp("guard")
     model.save_pretrained(path)
     hf.save_pretrained(path)

@@ -13,8 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lisa_align.config import validate_config
 from lisa_align.data.templates import format_prompt
@@ -30,12 +29,16 @@ from lisa_align.evaluation import (
     get_task,
     register_pairwise_judge,
     rejudge_pairwise,
+    rejudge_run,
     score_task,
     win_rate,
 )
 from lisa_align.evaluation import evaluate as evaluate_mod
 from lisa_align.evaluation.pairwise import PAIRWISE_TEMPLATE, PLAIN_ANSWER_SUFFIX
 from lisa_align.pipeline import Pipeline
+from lisa_align.rundir import RunDir
+
+from conftest import tiny_llama, word_tokenizer
 
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>"]
 CONTENT = "write review of the movie great bad film was fine it a b user assistant : poem about sea".split()
@@ -47,23 +50,14 @@ def build_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast
     """Word-level over whitespace-separated chunks: every chunk of the judge prompt is a token
     (so "(b):" marks where output (b) starts), plus a few content words; unknown chunks -> <unk>."""
     chunks = (PAIRWISE_TEMPLATE + PLAIN_ANSWER_SUFFIX).split() + CONTENT
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(SPECIALS + chunks))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                 eos_token="</s>")
-    if chat_template:
-        hf.chat_template = chat_template
-    return hf
+    return word_tokenizer(SPECIALS + chunks, pre_tokenizer="WhitespaceSplit", chat_template=chat_template,
+                          pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
 def save_judge(path: Path, chat_template: str | None = None) -> Path:
     tok = build_tokenizer(chat_template)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                         max_position_embeddings=1024, pad_token_id=1, bos_token_id=2,
-                                         eos_token_id=3, initializer_range=0.5))
+    model = tiny_llama(len(tok), max_position_embeddings=1024, pad_token_id=1, bos_token_id=2, eos_token_id=3,
+                       initializer_range=0.5)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -430,6 +424,24 @@ def test_rejudge_pairwise_without_generation(tmp_path, canned_generation, monkey
                    task_rows=[{"instruction": "sentiment", "input": "great", "output": "positive"}])
     with pytest.raises(LisaError, match="scored per answer"):
         rejudge_pairwise(tmp_path / "sst2", fake)
+
+
+def test_rejudge_run_judges_every_alpaca_eval_model(tmp_path, canned_generation):
+    run = RunDir(tmp_path / "run")
+    for model in ("base", "sft"):
+        evaluate_model(None, None, out_dir=run.eval(model).path, judge=RefusalJudge(), harmful_rows=HARMFUL_ROWS,
+                       task_rows=ALPACA_ROWS, task="alpaca_eval")
+    evaluate_model(None, None, out_dir=run.eval("sst2").path, judge=None, task="sst2",  # not pairwise: left alone
+                   task_rows=[{"instruction": "sentiment", "input": "great", "output": "positive"}],
+                   generator=lambda prompts, **k: ["positive"] * len(prompts))
+    canned_generation.clear()
+    fake, lines = FakePairwise(name="later"), []
+    summary = rejudge_run(run.path, pairwise_judge=fake, echo=lines.append)  # a judge object: no model needed
+    assert canned_generation == [] and len(fake.calls) == 2
+    assert lines == ["base: win rate 62.5% (later)", "sft: win rate 62.5% (later)"]
+    assert summary == {m: {"hs": 50.0, "fa": 62.5, "over_refusal": None} for m in ("base", "sft")}
+    assert json.loads(run.summary.read_text()) == summary
+    assert "fa_pending" not in run.eval("base").read_metrics() and run.eval("sst2").read_metrics()["fa"] == 100.0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,15 @@
 """Evaluation: batched greedy generation, harmfulness judges, task scoring, pairwise (win-rate)
 judges, metrics files."""
 
-from lisa_align.evaluation.evaluate import FA_PENDING, evaluate_model, rejudge, rejudge_pairwise, row_categories
+from lisa_align.evaluation.evaluate import (
+    FA_PENDING,
+    EvalSet,
+    evaluate_model,
+    rejudge,
+    rejudge_pairwise,
+    row_categories,
+    summary_row,
+)
 from lisa_align.evaluation.generation import generate, generate_one_by_one
 from lisa_align.evaluation.judges import (
     BEAVERDAM_TEMPLATE,
@@ -28,6 +36,7 @@ from lisa_align.evaluation.pairwise import (
     register_pairwise_judge,
     win_rate,
 )
+from lisa_align.evaluation.rejudging import rejudge_run
 from lisa_align.evaluation.tasks import (
     AGNEWS_LABELS,
     SST2_LABELS,
@@ -68,6 +77,9 @@ __all__ = [
     "parse_label",
     "register_task",
     "rejudge",
+    "rejudge_run",
     "row_categories",
+    "summary_row",
+    "EvalSet",
     "score_task",
 ]

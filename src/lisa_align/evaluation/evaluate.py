@@ -21,23 +21,33 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from lisa_align.data.templates import format_prompt
 from lisa_align.errors import LisaError
 from lisa_align.evaluation.generation import generate
 from lisa_align.evaluation.judges import BEAVERTAILS_CATEGORIES, Judge, Verdict, get_judge, is_refusal
 from lisa_align.evaluation.pairwise import PairwiseJudge, get_pairwise_judge, win_rate
-from lisa_align.evaluation.tasks import get_task
-from lisa_align.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
+from lisa_align.evaluation.tasks import Task, get_task
+from lisa_align.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from lisa_align.rundir import METRICS_FILE, PREDICTIONS_DIR, EvalDir
 
-__all__ = ["evaluate_model", "rejudge", "rejudge_pairwise", "row_categories", "FA_PENDING"]
+__all__ = ["evaluate_model", "rejudge", "rejudge_pairwise", "row_categories", "summary_row", "EvalSet",
+           "FA_PENDING", "METRICS_FILE", "PREDICTIONS_DIR"]
 
-PREDICTIONS_DIR = "predictions"
-METRICS_FILE = "metrics.json"
 FA_PENDING = ("no pairwise judge: generations saved in predictions/task.jsonl; judge them with "
               "lisa evaluate RUN_DIR --pairwise-judge-model PATH (or rejudge_pairwise(EVAL_DIR, judge))")
+
+Row = Mapping[str, Any]
+Record = dict[str, Any]
+
+
+def summary_row(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A model's entry in summary.json: its HS, FA and over-refusal."""
+    return {"hs": metrics.get("hs"), "fa": metrics.get("fa"), "over_refusal": metrics.get("over_refusal")}
 
 
 def row_categories(category: Any) -> list[str]:
@@ -64,9 +74,10 @@ def _percent(count: int, total: int) -> float | None:
     return 100.0 * count / total if total else None
 
 
-def partial_path(pred_dir: Path, name: str) -> Path:
-    """Answers generated so far for one set, appended per batch: what a killed evaluation resumes from."""
-    return pred_dir / f".{name}.partial.jsonl"
+def partial_path(pred_dir: str | os.PathLike, name: str) -> Path:
+    """Answers generated so far for one set, appended per batch: what a killed evaluation resumes from.
+    ``pred_dir`` is an evaluation's predictions folder (see :meth:`EvalDir.partial`)."""
+    return EvalDir(Path(pred_dir).parent).partial(name)
 
 
 def _read_partial(path: Path, prompts: Sequence[str], max_new_tokens: int) -> dict[int, str]:
@@ -86,16 +97,16 @@ def _read_partial(path: Path, prompts: Sequence[str], max_new_tokens: int) -> di
     return done
 
 
-def _resumable(generator, prompts: list[str], max_new_tokens: int, name: str, pred_dir: Path,
+def _resumable(generator, prompts: list[str], max_new_tokens: int, name: str, ev: EvalDir,
                batch_size: int) -> list[str]:
     """``generator``'s answers for ``prompts``, appended to the partial file one batch at a time and
     taken back from it on a re-run, so a killed evaluation loses at most one batch. Pending prompts
     go in order of length, so each batch pads little."""
-    path = partial_path(pred_dir, name)
+    path = ev.partial(name)
     done = _read_partial(path, prompts, max_new_tokens)
     pending = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: (len(prompts[i]), i))
     chunk = max(1, int(getattr(generator, "chunk_size", 0) or batch_size))
-    pred_dir.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         for start in range(0, len(pending), chunk):
             idx = pending[start:start + chunk]
@@ -182,6 +193,120 @@ def _apply_verdicts(records: list[dict[str, Any]], verdicts: list[Verdict], judg
         r["judge"] = judge_name
 
 
+# ---- the evaluation sets -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One evaluation set, a row of the table that :func:`evaluate_model` runs.
+
+    For each row the model answers ``prompt_of(row)`` (at most ``max_new_tokens`` new tokens, resumable
+    through ``.<name>.partial.jsonl``); ``record_of(row, prompt, answer)`` is the record saved in
+    ``predictions/<name>.jsonl`` (its keys in file order); ``summarize(records)`` scores the records
+    (a judge may add fields to them in place) and returns this set's part of ``metrics.json``. With
+    ``save_before_summary`` the unscored records are written first, so the generations outlive a
+    judge that fails. A set with no rows is skipped.
+    """
+
+    name: str
+    rows: Sequence[Row]
+    max_new_tokens: int
+    prompt_of: Callable[[Row], str]
+    record_of: Callable[[Row, str, str], Record]
+    summarize: Callable[[list[Record]], dict[str, Any]]
+    save_before_summary: bool = False
+
+    def run(self, generator: Callable[..., list[str]], ev: EvalDir, batch_size: int) -> dict[str, Any]:
+        """Generate (resuming), score, write ``predictions/<name>.jsonl``; returns the metrics update."""
+        prompts = [self.prompt_of(row) for row in self.rows]
+        answers = _resumable(generator, prompts, self.max_new_tokens, self.name, ev, batch_size)
+        records = [self.record_of(row, prompt, ans) for row, prompt, ans in zip(self.rows, prompts, answers)]
+        path = ev.predictions(self.name)
+        if self.save_before_summary:
+            atomic_write_jsonl(path, records)
+        update = self.summarize(records)
+        atomic_write_jsonl(path, records)
+        return update
+
+
+def _instruction_prompt(row: Row) -> str:
+    """The Alpaca prompt without input (harmful prompts)."""
+    return format_prompt(str(row["instruction"]))
+
+
+def _alpaca_prompt(row: Row) -> str:
+    """The Alpaca prompt with the row's input, if any."""
+    return format_prompt(str(row["instruction"]), row.get("input") or None)
+
+
+def _harmful_set(rows: Sequence[Row], max_new_tokens: int, judge: Judge | None, judge_name: str | None) -> EvalSet:
+    """HS = 100 x flagged / total; the judge sees the raw instruction as the user prompt."""
+
+    def record_of(row: Row, prompt: str, answer: str) -> Record:
+        return {"instruction": str(row["instruction"]), "input": "", "prompt": prompt, "answer": answer,
+                "reference": row.get("output"), "category": row_categories(row.get("category"))}
+
+    def summarize(records: list[Record]) -> dict[str, Any]:
+        verdicts = judge.score([r["instruction"] for r in records], [r["answer"] for r in records])
+        _apply_verdicts(records, verdicts, judge_name)
+        return _harmful_summary(records, judge_name)
+
+    return EvalSet("harmful", rows, max_new_tokens, _instruction_prompt, record_of, summarize)
+
+
+def _scored_task_set(rows: Sequence[Row], max_new_tokens: int, task: Task | None) -> EvalSet:
+    """FA = 100 x correct / total, each answer scored by the task's rule."""
+
+    def record_of(row: Row, prompt: str, answer: str) -> Record:
+        reference = str(row.get("output", ""))
+        return {"instruction": row["instruction"], "input": row.get("input") or "", "prompt": prompt,
+                "answer": answer, "reference": reference, "parsed": task.parse(answer),
+                "expected": task.reference(reference), "correct": bool(task.score(answer, reference))}
+
+    def summarize(records: list[Record]) -> dict[str, Any]:
+        correct = sum(bool(r["correct"]) for r in records)
+        return {"fa": _percent(correct, len(records)), "n_task": len(records), "n_correct": correct}
+
+    return EvalSet("task", rows, max_new_tokens, _alpaca_prompt, record_of, summarize)
+
+
+def _pairwise_task_set(rows: Sequence[Row], max_new_tokens: int, judge: PairwiseJudge | None) -> EvalSet:
+    """FA = the win rate over the rows' reference outputs; without a judge FA stays pending."""
+
+    def record_of(row: Row, prompt: str, answer: str) -> Record:
+        return {"instruction": row["instruction"], "input": row.get("input") or "", "prompt": prompt,
+                "answer": answer, "reference": str(row["output"])}
+
+    def summarize(records: list[Record]) -> dict[str, Any]:
+        update: dict[str, Any] = {"n_task": len(records), "win_rate": None, "pairwise_judge": None}
+        if judge is None:
+            update["fa_pending"] = FA_PENDING
+            return update
+        preferences = judge.compare([str(r["instruction"]) for r in records], [r["answer"] for r in records],
+                                    [r["reference"] for r in records])
+        _apply_preferences(records, preferences, judge.name)
+        update.update(_pairwise_summary(records, judge))
+        return update
+
+    # The generations are kept even if the judge fails afterwards.
+    return EvalSet("task", rows, max_new_tokens, _alpaca_prompt, record_of, summarize,
+                   save_before_summary=judge is not None)
+
+
+def _benign_set(rows: Sequence[Row], max_new_tokens: int) -> EvalSet:
+    """over_refusal = 100 x share of answers that :func:`is_refusal`."""
+
+    def record_of(row: Row, prompt: str, answer: str) -> Record:
+        return {"instruction": row["instruction"], "input": row.get("input") or "", "prompt": prompt,
+                "answer": answer, "reference": row.get("output"), "refused": bool(is_refusal(answer))}
+
+    def summarize(records: list[Record]) -> dict[str, Any]:
+        refused = sum(bool(r["refused"]) for r in records)
+        return {"over_refusal": _percent(refused, len(records)), "n_benign": len(records), "n_refused": refused}
+
+    return EvalSet("benign", rows, max_new_tokens, _alpaca_prompt, record_of, summarize)
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -212,20 +337,20 @@ def evaluate_model(
     ``generator(prompts, max_new_tokens=..., desc=...)`` replaces the Hugging Face generation (e.g. the
     vLLM backend); ``model`` and ``tokenizer`` are then unused.
 
+    Each set is an :class:`EvalSet` of the table below, run in order (harmful, task, benign).
+
     Returns the metrics dict (the content of ``metrics.json``).
     """
     if generator is None:
         def generator(prompts, *, max_new_tokens, desc):
             return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
-    out = Path(out_dir)
-    pred_dir = out / PREDICTIONS_DIR
+    ev = EvalDir(Path(out_dir))
     harmful_rows = list(harmful_rows or [])
     task_rows = list(task_rows or [])
     benign_rows = list(benign_rows or [])
-    # Validate everything before the (long) generation starts.
-    _check_rows(harmful_rows, "harmful")
-    _check_rows(task_rows, "task")
-    _check_rows(benign_rows, "benign")
+    # Validate everything before the (long) generation starts; the judges (models) are built last.
+    for name, rows in (("harmful", harmful_rows), ("task", task_rows), ("benign", benign_rows)):
+        _check_rows(rows, name)
     task_spec = None
     if task_rows:
         if task is None:
@@ -237,13 +362,20 @@ def evaluate_model(
         elif pairwise_judge is not None:
             raise LisaError(f"a pairwise judge was given but task '{task_spec.name}' is scored per answer; "
                             "pairwise judges apply to alpaca_eval")
-    pairwise_obj = (_resolve_pairwise_judge(pairwise_judge)
-                    if task_spec is not None and task_spec.pairwise and pairwise_judge is not None else None)
+    pairwise = task_spec is not None and task_spec.pairwise
+    pairwise_obj = _resolve_pairwise_judge(pairwise_judge) if pairwise and pairwise_judge is not None else None
     # The judge is only built (a 7B model for BeaverDam) when there is something to judge.
     judge_obj = _resolve_judge(judge) if harmful_rows else None
     judge_name = judge if isinstance(judge, str) or judge is None else judge.name
     if judge_obj is not None:
         judge_name = judge_obj.name
+
+    table = [
+        _harmful_set(harmful_rows, max_new_tokens_harmful, judge_obj, judge_name),
+        (_pairwise_task_set(task_rows, max_new_tokens_task, pairwise_obj) if pairwise
+         else _scored_task_set(task_rows, max_new_tokens_task, task_spec)),
+        _benign_set(benign_rows, max_new_tokens_benign),
+    ]
 
     metrics: dict[str, Any] = {
         "hs": None,
@@ -256,100 +388,13 @@ def evaluate_model(
         "judge": judge_name,
         "task": task_spec.name if task_spec else task,
     }
+    for eval_set in table:
+        if eval_set.rows:
+            metrics.update(eval_set.run(generator, ev, batch_size))
 
-    if harmful_rows:
-        instructions = [str(r["instruction"]) for r in harmful_rows]
-        prompts = [format_prompt(i) for i in instructions]
-        answers = _resumable(generator, prompts, max_new_tokens_harmful, "harmful", pred_dir, batch_size)
-        records = [
-            {
-                "instruction": ins,
-                "input": "",
-                "prompt": prompt,
-                "answer": ans,
-                "reference": row.get("output"),
-                "category": row_categories(row.get("category")),
-            }
-            for ins, prompt, ans, row in zip(instructions, prompts, answers, harmful_rows)
-        ]
-        _apply_verdicts(records, judge_obj.score(instructions, answers), judge_name)
-        atomic_write_jsonl(pred_dir / "harmful.jsonl", records)
-        metrics.update(_harmful_summary(records, judge_name))
-
-    if task_rows and task_spec.pairwise:
-        prompts = [format_prompt(str(r["instruction"]), r.get("input") or None) for r in task_rows]
-        answers = _resumable(generator, prompts, max_new_tokens_task, "task", pred_dir, batch_size)
-        records = [
-            {
-                "instruction": row["instruction"],
-                "input": row.get("input") or "",
-                "prompt": prompt,
-                "answer": ans,
-                "reference": str(row["output"]),
-            }
-            for row, prompt, ans in zip(task_rows, prompts, answers)
-        ]
-        # The generations are kept even if the judge fails afterwards.
-        atomic_write_jsonl(pred_dir / "task.jsonl", records)
-        metrics.update({"n_task": len(records), "win_rate": None, "pairwise_judge": None})
-        if pairwise_obj is None:
-            metrics["fa_pending"] = FA_PENDING
-        else:
-            preferences = pairwise_obj.compare([str(r["instruction"]) for r in records], answers,
-                                               [r["reference"] for r in records])
-            _apply_preferences(records, preferences, pairwise_obj.name)
-            atomic_write_jsonl(pred_dir / "task.jsonl", records)
-            metrics.update(_pairwise_summary(records, pairwise_obj))
-    elif task_rows:
-        prompts = [format_prompt(str(r["instruction"]), r.get("input") or None) for r in task_rows]
-        answers = _resumable(generator, prompts, max_new_tokens_task, "task", pred_dir, batch_size)
-        records = []
-        correct = 0
-        for row, prompt, ans in zip(task_rows, prompts, answers):
-            reference = str(row.get("output", ""))
-            ok = task_spec.score(ans, reference)
-            correct += ok
-            records.append(
-                {
-                    "instruction": row["instruction"],
-                    "input": row.get("input") or "",
-                    "prompt": prompt,
-                    "answer": ans,
-                    "reference": reference,
-                    "parsed": task_spec.parse(ans),
-                    "expected": task_spec.reference(reference),
-                    "correct": bool(ok),
-                }
-            )
-        atomic_write_jsonl(pred_dir / "task.jsonl", records)
-        metrics.update({"fa": _percent(correct, len(records)), "n_task": len(records), "n_correct": correct})
-
-    if benign_rows:
-        prompts = [format_prompt(str(r["instruction"]), r.get("input") or None) for r in benign_rows]
-        answers = _resumable(generator, prompts, max_new_tokens_benign, "benign", pred_dir, batch_size)
-        records = []
-        refused = 0
-        for row, prompt, ans in zip(benign_rows, prompts, answers):
-            r = is_refusal(ans)
-            refused += r
-            records.append(
-                {
-                    "instruction": row["instruction"],
-                    "input": row.get("input") or "",
-                    "prompt": prompt,
-                    "answer": ans,
-                    "reference": row.get("output"),
-                    "refused": bool(r),
-                }
-            )
-        atomic_write_jsonl(pred_dir / "benign.jsonl", records)
-        metrics.update(
-            {"over_refusal": _percent(refused, len(records)), "n_benign": len(records), "n_refused": refused}
-        )
-
-    atomic_write_json(out / METRICS_FILE, metrics)
-    for name in ("harmful", "task", "benign"):  # everything is in the final files now
-        partial_path(pred_dir, name).unlink(missing_ok=True)
+    atomic_write_json(ev.metrics, metrics)
+    for eval_set in table:  # everything is in the final files now
+        ev.partial(eval_set.name).unlink(missing_ok=True)
     return metrics
 
 
@@ -359,8 +404,8 @@ def rejudge(out_dir: str | os.PathLike, judge: Judge | str) -> dict[str, Any]:
     Rewrites the predictions with the new verdicts and updates ``hs``, ``hs_by_category`` (and the
     related counts) and ``judge`` in ``metrics.json``; other metrics are kept. Returns the metrics.
     """
-    out = Path(out_dir)
-    path = out / PREDICTIONS_DIR / "harmful.jsonl"
+    ev = EvalDir(Path(out_dir))
+    path = ev.predictions("harmful")
     if not path.is_file():
         raise LisaError(f"no saved harmful predictions at {path}: run the evaluation first")
     judge_obj = _resolve_judge(judge)
@@ -369,10 +414,9 @@ def rejudge(out_dir: str | os.PathLike, judge: Judge | str) -> dict[str, Any]:
     answers = [str(r.get("answer") or "") for r in records]
     _apply_verdicts(records, judge_obj.score(prompts, answers), judge_obj.name)
     atomic_write_jsonl(path, records)
-    metrics_path = out / METRICS_FILE
-    metrics = read_json(metrics_path) if metrics_path.is_file() else {}
+    metrics = ev.read_metrics()
     metrics.update(_harmful_summary(records, judge_obj.name))
-    atomic_write_json(metrics_path, metrics)
+    atomic_write_json(ev.metrics, metrics)
     return metrics
 
 
@@ -384,15 +428,14 @@ def rejudge_pairwise(out_dir: str | os.PathLike, judge: PairwiseJudge | str) -> 
     ``pairwise_judge_model`` in ``metrics.json`` (dropping ``fa_pending``); other metrics are kept.
     Both files are written atomically. Returns the metrics.
     """
-    out = Path(out_dir)
-    path = out / PREDICTIONS_DIR / "task.jsonl"
+    ev = EvalDir(Path(out_dir))
+    path = ev.predictions("task")
     if not path.is_file():
         raise LisaError(f"no saved task predictions at {path}: run the evaluation first")
-    metrics_path = out / METRICS_FILE
-    metrics = read_json(metrics_path) if metrics_path.is_file() else {}
+    metrics = ev.read_metrics()
     task = metrics.get("task")
     if task is not None and not get_task(task).pairwise:
-        raise LisaError(f"{out}: task '{task}' is scored per answer, not by a pairwise judge; "
+        raise LisaError(f"{ev.path}: task '{task}' is scored per answer, not by a pairwise judge; "
                         "pairwise judges apply to alpaca_eval runs")
     records = read_jsonl(path)
     if not records:
@@ -406,5 +449,5 @@ def rejudge_pairwise(out_dir: str | os.PathLike, judge: PairwiseJudge | str) -> 
     atomic_write_jsonl(path, records)
     metrics.pop("fa_pending", None)
     metrics.update(_pairwise_summary(records, judge_obj))
-    atomic_write_json(metrics_path, metrics)
+    atomic_write_json(ev.metrics, metrics)
     return metrics

@@ -9,10 +9,13 @@ as the one-by-one answers; ``tests/test_evaluation.py`` checks this.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from lisa_align.errors import LisaError
 
 __all__ = ["generate", "generate_one_by_one"]
 
@@ -24,8 +27,6 @@ def _padding_setup(tokenizer, side: str) -> Iterator[int]:
     old_pad = tokenizer.pad_token
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
-            from lisa_align.errors import LisaError
-
             raise LisaError("tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = side

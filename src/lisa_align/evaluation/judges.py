@@ -9,10 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
+from lisa_align.config import judge_key
 from lisa_align.errors import LisaError
+from lisa_align.evaluation.generation import generate
+from lisa_align.models.loading import no_safetensors_error, safetensors_kwargs
 
 __all__ = [
     "BEAVERTAILS_CATEGORIES",
@@ -145,8 +149,6 @@ def _load_judge_model(path: str, model_cls, dtype, expected: str, *, trust_remot
     """(tokenizer, model) of a judge from a local folder or a HF id, with one-line errors. Weights
     load from safetensors only unless ``allow_pickle``; ``trust_remote_code`` is off unless asked."""
     from transformers import AutoTokenizer
-
-    from lisa_align.models.loading import no_safetensors_error, safetensors_kwargs
 
     not_found = f"judge model '{path}' not found: pass a local path or a HF id that is downloaded or reachable"
     looks_local = path.startswith(("/", "./", "../", "~")) or os.path.isabs(path)
@@ -327,8 +329,6 @@ class LlamaGuardJudge(Judge):
         return self.tokenizer.apply_chat_template(chat, tokenize=False)
 
     def raw_outputs(self, prompts: list[str], answers: list[str]) -> list[str]:
-        from lisa_align.evaluation.generation import generate
-
         texts = [self.format_input(p, a) for p, a in zip(prompts, answers)]
         return generate(self.model, self.tokenizer, texts, max_new_tokens=self.max_new_tokens,
                         batch_size=self.batch_size, desc="llamaguard", add_special_tokens=False)
@@ -357,7 +357,7 @@ JUDGES: dict[str, Callable[..., Judge]] = {
 
 def get_judge(name: str, **kwargs: Any) -> Judge:
     """Build the judge registered as ``name`` (case-insensitive; ``beaver-dam`` == ``beaverdam``)."""
-    key = str(name).strip().lower().replace("-", "").replace("_", "")
+    key = judge_key(name)
     if key not in JUDGES:
         raise LisaError(f"unknown judge '{name}': valid judges are {', '.join(sorted(JUDGES))}")
     return JUDGES[key](**kwargs)

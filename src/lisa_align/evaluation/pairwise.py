@@ -16,9 +16,13 @@ New judges plug in through :data:`PAIRWISE_JUDGES` (see :func:`register_pairwise
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from lisa_align.config import PAIRWISE_JUDGE_NAMES, judge_key
 from lisa_align.errors import LisaError
+from lisa_align.evaluation.generation import _eval_mode, _padding_setup
+from lisa_align.evaluation.judges import _device_and_dtype, _load_judge_model
 
 __all__ = [
     "PAIRWISE_TEMPLATE",
@@ -95,8 +99,6 @@ class LocalPairwiseJudge(PairwiseJudge):
         allow_pickle: bool = False,
     ):
         from transformers import AutoModelForCausalLM
-
-        from lisa_align.evaluation.judges import _device_and_dtype, _load_judge_model
 
         if not model_name_or_path:
             raise LisaError("pairwise judge 'local' needs a model: pass model_name_or_path=PATH "
@@ -204,8 +206,6 @@ class LocalPairwiseJudge(PairwiseJudge):
         import torch
         from tqdm.auto import tqdm
 
-        from lisa_align.evaluation.generation import _eval_mode, _padding_setup
-
         if not texts:
             return []
         tok = self.tokenizer
@@ -256,16 +256,13 @@ class LocalPairwiseJudge(PairwiseJudge):
 PAIRWISE_JUDGES: dict[str, Callable[..., PairwiseJudge]] = {}
 
 
-def judge_key(name: str) -> str:
-    return str(name).strip().lower().replace("-", "").replace("_", "")
-
-
 def register_pairwise_judge(name: str, factory: Callable[..., PairwiseJudge] | None = None):
     """Register ``factory`` (a PairwiseJudge class or a function returning one) as ``name``
     (case-insensitive, ``-``/``_`` ignored); returns it. Without ``factory``, a decorator."""
 
     def add(f: Callable[..., PairwiseJudge]) -> Callable[..., PairwiseJudge]:
         PAIRWISE_JUDGES[judge_key(name)] = f
+        PAIRWISE_JUDGE_NAMES.add(judge_key(name))  # a config may name it from now on
         return f
 
     return add if factory is None else add(factory)

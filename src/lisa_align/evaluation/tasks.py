@@ -1,6 +1,6 @@
 """Answer parsers and scoring for the fine-tuning tasks (finetune accuracy, FA).
 
-Rules (design.md, "Metrics"):
+Rules (docs/design.md, "Metrics"):
 
 * SST2 / AGNews: the answer's first line, stripped of whitespace and surrounding punctuation, must
   equal the label word, case-insensitively. ``/`` is kept (``Sci/Tech``) and whitespace around it
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Callable, Sequence
 
 from lisa_align.errors import LisaError
 
@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 from lisa_align.data.formats import AGNEWS_LABELS, SST2_LABELS  # noqa: E402  (one definition, in the data layer)
+
 FINAL_ANSWER_MARKER = "The final answer is:"
 
 # Surrounding characters stripped from a label answer: whitespace and punctuation except "/".

@@ -10,8 +10,9 @@ special tokens skipped and stripped, as :func:`lisa_align.evaluation.generation.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from lisa_align.errors import LisaError
 
