@@ -60,7 +60,8 @@ def main() -> int:
         for metric in METRICS:
             vals = [summaries[s][model][metric] for s in args.seeds]
             mean[model][metric] = statistics.fmean(vals)
-            cells.append(f"{mean[model][metric]:6.1f} ± {(max(vals) - min(vals)) / 2:4.1f} [{min(vals):.0f}-{max(vals):.0f}]")
+            half_range = (max(vals) - min(vals)) / 2
+            cells.append(f"{mean[model][metric]:6.1f} ± {half_range:4.1f} [{min(vals):.0f}-{max(vals):.0f}]")
         print(f"{model:<10}" + "".join(f"{c:>22}" for c in cells))
     per_seed = {}
     for seed in args.seeds:

@@ -3,16 +3,16 @@
 ``add_pull_gradient`` adds coef · F ⊙ (w − ref) to ``.grad`` of each parameter: the gradient of
 coef/2 · Σ F (w − ref)². Lisa's proximal term uses F = 1, coef = ρ; EWC uses the diagonal Fisher F
 and coef = 2λ. w − ref is formed first (one rounding, as autograd of the term would give: the
-two-pass form grad + coef·w − coef·ref cancels small gradients in low precision), in chunks of at
-most ``CHUNK`` elements so the transient memory stays bounded.
+two-pass form grad + coef·w − coef·ref cancels small gradients in low precision), with fused
+``torch._foreach_*`` ops on groups of whole tensors of at most ``CHUNK`` elements in all, so the
+transient memory stays bounded.
 
-On CPU the chunks are cache-sized blocks (at most ``CPU_BLOCK`` elements, a multiple of ``ALIGN``;
-a large tensor is cut into slices) formed in one reused workspace: no fresh multi-megabyte
-allocation per step (on CPU each one costs page faults: for a 100M-parameter full fine-tuning,
-allocating w − ref took ~3x longer than the arithmetic), and w − ref is read back from cache, not
-memory. The arithmetic is the same elementwise ops, and slices aligned to ``ALIGN`` elements keep
-the result bit-identical to the whole-tensor ops. Other devices use fused ``torch._foreach_*`` ops
-on groups of whole tensors (their caching allocators make the transient cheap).
+One path on every device. A CPU path that formed w − ref in cache-sized blocks of a reused workspace
+was measured against it (benchmarks/penalty_paths.py, 1 thread, float32, interleaved medians): on
+the defaults it was slower, 2.5x on the paper's LoRA (r=8, q,v) of a ~100M Llama and 1.3x on the
+demo's full fine-tuning, where the whole pull is ~1% of a step. Only full fine-tuning of a large
+model on CPU favoured it (~100M: 0.86-1.02x the time of the gradient pass, 0.8x of the distance, and a
+4 MiB transient instead of up to CHUNK elements).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 
 CHUNK = 1 << 26
-CPU_BLOCK = 1 << 20  # 4 MiB of float32: stays in cache between forming w − ref and adding it
-ALIGN = 64  # slice boundaries on multiples of the widest SIMD step: vector loops cover slices as the whole
+# pull_distance takes float32 norms of at most this many elements (views, no copy): a float32 norm of a
+# long CPU tensor accumulates its rounding (~1e-3 relative at 25M elements, ~1e-5 at 1M).
+NORM_BLOCK = 1 << 20
 
 
 def chunks(sizes: list[int], limit: int) -> list[list[int]]:
@@ -38,55 +39,14 @@ def chunks(sizes: list[int], limit: int) -> list[list[int]]:
     return out
 
 
-def _cpu_blocked(p: torch.Tensor, r: torch.Tensor, *others: torch.Tensor | None) -> bool:
-    """Whether a parameter takes the CPU block path: plain contiguous CPU tensors (not DTensor shards),
-    and w − ref keeps the param's dtype (so it fits the workspace exactly as the whole-tensor op forms it)."""
-    tensors = [p.detach(), r, *(t for t in others if t is not None)]
-    return (all(type(t) is torch.Tensor and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
-            and torch.result_type(tensors[0], r) == p.dtype)
-
-
-def _workspace(work: dict, params, p: torch.Tensor, block: int) -> torch.Tensor:
-    if p.dtype not in work:
-        work[p.dtype] = torch.empty(min(block, max(q.numel() for q in params if q.dtype == p.dtype)), dtype=p.dtype)
-    return work[p.dtype]
-
-
-def _slices(n: int, block: int):
-    for i in range(0, n, block):
-        yield i, min(i + block, n)
-
-
-def cpu_block(limit: int) -> int:
-    """The CPU block: at most ``limit`` (and ``CPU_BLOCK``) elements, a multiple of ``ALIGN`` (at least ALIGN)."""
-    return max(ALIGN, min(limit, CPU_BLOCK) // ALIGN * ALIGN)
-
-
 @torch.no_grad()
 def add_pull_gradient(params: list[torch.nn.Parameter], ref: list[torch.Tensor], coef: float,
                       weights: list[torch.Tensor] | None = None, limit: int | None = None) -> None:
+    """grad += coef · F ⊙ (w − ref) for each parameter (F = ``weights``, else 1); a missing grad starts at 0."""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    limit = CHUNK if limit is None else limit
-    block = cpu_block(limit)
-    work: dict[torch.dtype, torch.Tensor] = {}
-    rest = []
-    for i, p in enumerate(params):
-        w = None if weights is None else weights[i]
-        if not _cpu_blocked(p, ref[i], p.grad, w):
-            rest.append(i)
-            continue
-        buf = _workspace(work, params, p, block)
-        pf, rf, gf = p.detach().view(-1), ref[i].view(-1), p.grad.view(-1)
-        wf = None if w is None else w.view(-1)
-        for a, b in _slices(pf.numel(), block):
-            diff = torch.sub(pf[a:b], rf[a:b], out=buf[: b - a])
-            if wf is not None:
-                diff.mul_(wf[a:b])
-            gf[a:b].add_(diff, alpha=coef)
-    for group in chunks([params[i].numel() for i in rest], limit):
-        idx = [rest[j] for j in group]
+    for idx in chunks([p.numel() for p in params], CHUNK if limit is None else limit):
         diff = torch._foreach_sub([params[i].detach() for i in idx], [ref[i] for i in idx])
         if weights is not None:
             torch._foreach_mul_(diff, [weights[i] for i in idx])
@@ -94,22 +54,33 @@ def add_pull_gradient(params: list[torch.nn.Parameter], ref: list[torch.Tensor],
         del diff
 
 
+def _norm_blocks(diff: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor as views of at most NORM_BLOCK elements (a DTensor shard or a short tensor: whole)."""
+    out = []
+    for d in diff:
+        if type(d) is torch.Tensor and d.numel() > NORM_BLOCK and d.is_contiguous():
+            flat = d.view(-1)
+            out.extend(flat[a:a + NORM_BLOCK] for a in range(0, flat.numel(), NORM_BLOCK))
+        else:
+            out.append(d)
+    return out
+
+
 @torch.no_grad()
 def pull_distance(params: list[torch.Tensor], ref: list[torch.Tensor], limit: int | None = None) -> float:
-    """‖params − ref‖ over all tensors: w − ref formed in the params' dtype, its norm taken in float32,
-    the squares summed in float64 (CPU: in blocks, as in ``add_pull_gradient``)."""
-    block = cpu_block(CHUNK if limit is None else limit)
+    """‖params − ref‖ over all tensors: w − ref formed in the params' dtype (fused, in groups of at most
+    ``CHUNK`` elements), float32 norms of blocks of at most ``NORM_BLOCK`` elements, their squares
+    summed in float64."""
     sq = 0.0
-    work: dict[torch.dtype, torch.Tensor] = {}
-    for p, r in zip(params, ref):
-        if _cpu_blocked(p, r):
-            buf = _workspace(work, params, p, block)
-            pf, rf = p.detach().view(-1), r.view(-1)
-            for a, b in _slices(pf.numel(), block):
-                diff = torch.sub(pf[a:b], rf[a:b], out=buf[: b - a])
-                sq += float(torch.linalg.vector_norm(diff, dtype=torch.float32)) ** 2
-        else:
-            sq += float(torch.linalg.vector_norm((p.detach() - r).float()) ** 2)
+    for idx in chunks([p.numel() for p in params], CHUNK if limit is None else limit):
+        diff = torch._foreach_sub([params[i].detach() for i in idx], [ref[i] for i in idx])
+        norms = torch._foreach_norm(_norm_blocks(diff), 2, dtype=torch.float32)
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for n in norms:
+            n = n.full_tensor() if hasattr(n, "full_tensor") else n  # a DTensor's norm: over all its shards
+            by_device.setdefault(n.device, []).append(n)
+        sq += sum(float(torch.stack(v).double().square().sum()) for v in by_device.values())
+        del diff, norms
     return sq ** 0.5
 
 
