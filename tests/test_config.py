@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
-import json
 import pytest
 import yaml
 
 from lisa_align.cli import preset_path
 from lisa_align.config import (
-    LisaSettings,
-    MethodSpec,
     RunConfig,
     apply_overrides,
     config_to_dict,
     load_config,
     validate_config,
 )
+from lisa_align.defenses import BSO, EWC, NASFT, SFT, Defense, Lisa, Vlguard
 from lisa_align.errors import LisaError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +32,7 @@ def default() -> RunConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Defaults = design.md §1
+# Defaults = docs/design.md §1
 # ---------------------------------------------------------------------------------------------
 def test_align_defaults(default):
     a = default.align
@@ -152,18 +151,18 @@ def test_methods_strings_and_dicts():
         "methods": ["sft", "bso", {"name": "lisa"}, {"name": "lisa", "label": "lisa-rho10", "rho": 10, "k1": 5}],
     }})
     ms = cfg.finetune.methods
-    assert all(isinstance(m, MethodSpec) for m in ms)
+    assert all(isinstance(m, Defense) for m in ms)
+    assert [type(m) for m in ms] == [SFT, BSO, Lisa, Lisa]
     assert [m.key for m in ms] == ["sft", "bso", "lisa", "lisa-rho10"]
-    base = cfg.finetune.lisa
-    bso, lisa, lisa10 = ms[1].lisa(base), ms[2].lisa(base), ms[3].lisa(base)
-    assert isinstance(bso, LisaSettings)
+    bso, lisa, lisa10 = cfg.finetune.resolved()[1:]
+    assert ms[3].k2 is None and ms[3].rho == 10  # as written; resolved() fills the defaults
     assert (bso.k1, bso.k2, bso.rho) == (10, 90, 0.0)
     assert (lisa.k1, lisa.k2, lisa.rho) == (10, 90, 2.0)
     assert (lisa10.k1, lisa10.k2, lisa10.rho) == (5, 90, 10.0)
 
 
 def test_bso_gets_rho_zero_with_default_base(default):
-    bso = MethodSpec(name="bso").lisa(default.finetune.lisa)
+    bso = BSO().resolve(default.finetune)
     assert bso.rho == 0.0 and (bso.k1, bso.k2) == (100, 900)
 
 
@@ -227,9 +226,9 @@ def test_configs_demo_matches_preset():
 
 
 @pytest.mark.parametrize("method, fragment", [
-    ({"name": "lisa", "alignment_rows": 5}, "alignment_rows applies to vlguard only"),
-    ({"name": "vlguard", "rho": 1.0}, "k1/k2/rho apply to lisa and bso only"),
-    ({"name": "na_sft", "k1": 3}, "k1/k2/rho apply to lisa and bso only"),
+    ({"name": "lisa", "alignment_rows": 5}, "'alignment_rows' is not a setting of lisa"),
+    ({"name": "vlguard", "rho": 1.0}, "'rho' is not a setting of vlguard (its settings: label, alignment_rows)"),
+    ({"name": "na_sft", "k1": 3}, "'k1' is not a setting of na_sft (its settings: label); remove it"),
     ({"name": "vlguard", "alignment_rows": 0}, "alignment_rows"),
 ])
 def test_method_options_belong_to_their_method(method, fragment):
@@ -245,21 +244,36 @@ def test_new_methods_resolve():
     from lisa_align.config import load_config
 
     cfg = load_config(None, ['finetune.methods=[na_sft, {name: vlguard, alignment_rows: 500}, bso]'])
-    na, vl, bso = cfg.finetune.methods
-    assert na.starts_from_base and not vl.starts_from_base
-    assert na.lisa(cfg.finetune.lisa) is None and vl.lisa(cfg.finetune.lisa) is None
+    na, vl, bso = cfg.finetune.resolved()
+    assert na.starts_from == "base" and vl.starts_from == "aligned"
+    assert na.report_values() == vl.report_values() == {}
     assert vl.alignment_rows == 500
-    assert bso.lisa(cfg.finetune.lisa).rho == 0.0
+    assert bso.rho == 0.0 and bso.report_values() == {"k1": 100, "k2": 900, "rho": 0.0}
 
 
 def test_method_defaults_of_the_reference():
-    from lisa_align.config import MethodSpec
+    assert Vlguard().alignment_rows == 1000
+    assert Vlguard(alignment_rows=7).alignment_rows == 7
+    assert EWC().ewc_lambda == 0.001 and EWC().training_arguments() == {"ewc_lambda": 0.001}
+    assert EWC(ewc_lambda=0.5).ewc_lambda == 0.5
+    assert NASFT().starts_from == "base" and SFT().training_arguments() == {}
 
-    assert MethodSpec(name="vlguard").vlguard_rows == 1000
-    assert MethodSpec(name="vlguard", alignment_rows=7).vlguard_rows == 7
-    assert MethodSpec(name="ewc").ewc_strength == 0.001
-    assert MethodSpec(name="ewc", ewc_lambda=0.5).ewc_strength == 0.5
-    assert MethodSpec(name="sft").vlguard_rows is None and MethodSpec(name="sft").ewc_strength is None
+
+def test_old_config_files_read_the_same():
+    """config.yaml as earlier releases wrote it: every method listed every setting (null when unused),
+    and the alignment defense was a name plus align.vaccine_rho."""
+    old = {"align": {"method": "vaccine", "vaccine_rho": 0.5},
+           "finetune": {"methods": [{"name": "sft", "label": None, "k1": None, "k2": None, "rho": None,
+                                     "alignment_rows": None, "ewc_lambda": None},
+                                    {"name": "vlguard", "label": None, "alignment_rows": None, "ewc_lambda": None},
+                                    {"name": "lisa", "label": "l", "k1": 3, "rho": None, "ewc_lambda": None}]}}
+    cfg = validate_config(old)
+    assert cfg.align.method.name == "vaccine" and cfg.align.method.rho == 0.5
+    sft, vl, lisa = cfg.finetune.resolved()
+    assert type(sft) is SFT and vl.alignment_rows == 1000 and (lisa.k1, lisa.k2, lisa.rho) == (3, 900, 1.0)
+    assert validate_config(config_to_dict(cfg)) == cfg  # and the new spelling reads back the same
+    sft_align = validate_config({"align": {"method": "sft", "vaccine_rho": 2.0}}).align.method
+    assert type(sft_align) is SFT  # the rho of a method without one is dropped
 
 
 def test_demo_and_embedded_table3_share_every_setting_but_the_grid():

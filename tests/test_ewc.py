@@ -5,20 +5,19 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from lisa_align.errors import LisaError
-from lisa_align.training import EWCArguments, EWCTrainer, SFTTrainer, TrainArguments
-from lisa_align.training.sft import per_example_loss
+from lisa_align.training import BaseArguments, BaseTrainer, EWCArguments, EWCTrainer
+from lisa_align.training.base import per_example_loss
+
+from conftest import tiny_llama
 
 VOCAB = 40
 
 
 def _model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(VOCAB, seed=seed, max_position_embeddings=32, pad_token_id=0)
 
 
 def _data(n: int, lo: int, seed: int) -> datasets.Dataset:
@@ -81,7 +80,7 @@ def test_pull_gradient_equals_autograd(tmp_path):
 def test_training_applies_the_pull_once_per_step(tmp_path):
     ewc = _trainer(tmp_path / "a", ewc_lambda=50.0)
     ewc.train()
-    sft = SFTTrainer(model=_model(), args=_args(tmp_path / "b", cls=TrainArguments), train_dataset=_data(8, 10, 1),
+    sft = BaseTrainer(model=_model(), args=_args(tmp_path / "b", cls=BaseArguments), train_dataset=_data(8, 10, 1),
                      data_collator=_collate)
     sft.train()
     zero = _trainer(tmp_path / "c", ewc_lambda=0.0)
@@ -130,3 +129,35 @@ def test_resume_restores_the_start_weights_and_fisher(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(second.fisher, straight.fisher))
     final = [p.detach() for p in second.model.parameters()]
     assert max(float((a - b).abs().max()) for a, b in zip(final, straight.model.parameters())) <= 1e-6
+
+
+@pytest.mark.parametrize("ga", [1, 2])
+def test_pull_in_the_loss_equals_the_fused_gradient(tmp_path, ga):
+    """The loss mode (DeepSpeed keeps gradients in its own buffers, so an addition to .grad would be
+    lost) trains the same weights as the fused gradient mode, with and without accumulation."""
+    def run(mode):
+        t = _trainer(tmp_path / f"{mode}{ga}", ewc_lambda=2e4, ewc_mode=mode, gradient_accumulation_steps=ga,
+                     per_device_train_batch_size=4 // ga, num_train_epochs=2)
+        t.train()
+        return t
+
+    grad, loss, plain = run("grad"), run("loss"), _trainer(tmp_path / f"plain{ga}", ewc_lambda=0.0,
+                                                           gradient_accumulation_steps=ga,
+                                                           per_device_train_batch_size=4 // ga, num_train_epochs=2)
+    plain.train()
+    assert not grad.pull_in_loss and loss.pull_in_loss
+    diff = lambda a, b: max((x - y).abs().max().item() for x, y in zip(a._trainable(), b._trainable()))  # noqa: E731
+    assert diff(grad, plain) > 1e-3  # the pull changed the result
+    assert diff(grad, loss) < 1e-5
+
+
+def test_deepspeed_puts_the_pull_in_the_loss_and_zero3_is_refused(tmp_path, monkeypatch):
+    stage = {"value": 2}
+    monkeypatch.setattr(EWCTrainer, "deepspeed_zero_stage", lambda self: stage["value"])
+    assert _trainer(tmp_path).pull_in_loss  # auto under DeepSpeed: the loss
+    assert not _trainer(tmp_path, ewc_mode="grad").pull_in_loss
+    stage["value"] = 3
+    with pytest.raises(LisaError, match="EWC does not support DeepSpeed ZeRO-3"):
+        _trainer(tmp_path)
+    with pytest.raises(LisaError, match="ewc_mode='sum'"):
+        _args(tmp_path, ewc_mode="sum")

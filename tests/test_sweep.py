@@ -11,7 +11,6 @@ import yaml
 from lisa_align.cli import main
 from lisa_align.errors import LisaError
 from lisa_align.sweep import expand, parse_grid, plan
-from test_pipeline import micro
 
 
 def test_grid_expansion_and_aliases():
@@ -29,9 +28,9 @@ def test_grid_expansion_and_aliases():
 
 
 @pytest.fixture
-def config(tmp_path, monkeypatch):
+def config(tmp_path, monkeypatch, micro):
     monkeypatch.setenv("LISA_ALIGN_CACHE", str(tmp_path / "cache"))
-    cfg = micro(tmp_path, **{"eval.models": ["methods"]})
+    cfg = micro(**{"eval.models": ["methods"]})
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -208,3 +207,42 @@ def test_sweep_seed_axis_reaches_the_synthetic_training_data(config):
     direct = load_run_data(load_config(config, ["seed=1"]))
     assert swept.user == direct.user and swept.alignment == direct.alignment
     assert swept.user != load_run_data(validate_config(runs[0])).user
+
+
+def test_aligned_key_holds_the_data_the_alignment_defense_reads(monkeypatch):
+    from typing import Literal
+
+    from lisa_align.config import config_to_dict, validate_config
+    from lisa_align.defenses import DEFENSES, Defense
+    from lisa_align.sweep import aligned_key
+
+    def with_harmful(split):
+        raw = config_to_dict(validate_config({}))
+        raw["data"]["harmful"]["split"] = split
+        return raw
+
+    a, b = with_harmful("30k_train"), with_harmful("330k_train")
+    assert aligned_key(a) == aligned_key(b)  # sft reads the alignment data only
+
+    class AgainstHarmful(Defense):  # an alignment defense that trains against harmful rows (as Booster does)
+        name: Literal["against_harmful"] = "against_harmful"
+        stages = ("align",)
+        needs = ("harmful",)
+
+    monkeypatch.setitem(DEFENSES, "against_harmful", AgainstHarmful)
+    for raw in (a, b):
+        raw["align"]["method"] = {"name": "against_harmful", "label": None}
+    assert aligned_key(a) != aligned_key(b)
+
+
+def test_aligned_key_of_an_older_config_is_unchanged():
+    """config.yaml of earlier releases spelled the alignment defense as a name plus align.vaccine_rho: the
+    same settings give the same key, so a sweep started before an upgrade finds its aligned models."""
+    from lisa_align.config import config_to_dict, validate_config
+    from lisa_align.sweep import aligned_key
+
+    for method, rho in (("sft", 2.0), ("vaccine", 0.5)):
+        new = config_to_dict(validate_config({"align": {"method": {"name": method, **({"rho": rho} if method != "sft" else {})}}}))
+        old = {**new, "align": {**{k: v for k, v in new["align"].items() if k != "method"}, "method": method,
+                                "vaccine_rho": rho}}
+        assert aligned_key(new) == aligned_key(old)

@@ -1,5 +1,5 @@
 """Tests for lisa_align.training: the Bi-State schedule, the sampler, LisaTrainer (anchor, proximal term,
-gradient accumulation, BSO) and SFTTrainer's per-example loss.
+gradient accumulation, BSO) and BaseTrainer's per-example loss.
 
 Everything runs offline on a tiny randomly initialised Llama (hidden 32, 2 layers, vocab 50) and tiny
 hand-built datasets. User rows use tokens [10, 30) and alignment rows tokens [30, 50); the first token of
@@ -15,21 +15,23 @@ import math
 import datasets
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import LlamaForCausalLM, TrainerCallback
 
+from lisa_align.defenses.lisa import validate_lisa_settings
 from lisa_align.errors import LisaError
 from lisa_align.training import (
     ALIGNMENT,
     FINETUNE,
+    BaseArguments,
+    BaseTrainer,
     BiStateSchedule,
     LisaArguments,
     LisaTrainer,
-    SFTTrainer,
-    TrainArguments,
     per_example_loss,
 )
 from lisa_align.training.sampler import BiStateBatchSampler, steps_per_epoch
-from lisa_align.training.schedule import validate_lisa_settings
+
+from conftest import tiny_llama
 
 A, F = ALIGNMENT, FINETUNE
 USER_LO, ALIGN_LO, SPAN = 10, 30, 20
@@ -43,12 +45,9 @@ VOCAB = 50
 
 @pytest.fixture(scope="module")
 def base_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False,
-                      initializer_range=0.2)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+                      bos_token_id=None, tie_word_embeddings=False, initializer_range=0.2)
 
 
 @pytest.fixture
@@ -94,11 +93,11 @@ def lisa_args(tmp_path, **kw) -> LisaArguments:
     return LisaArguments(**opts)
 
 
-def sft_args(tmp_path, **kw) -> TrainArguments:
+def sft_args(tmp_path, **kw) -> BaseArguments:
     opts = dict(COMMON, output_dir=str(tmp_path), per_device_train_batch_size=2, num_train_epochs=3,
                 learning_rate=1e-2)
     opts.update(kw)
-    return TrainArguments(**opts)
+    return BaseArguments(**opts)
 
 
 class RecordingLisa(LisaTrainer):
@@ -268,7 +267,7 @@ def test_valid_settings_accepted(tmp_path):
     with pytest.raises(LisaError):
         BiStateSchedule(1, 1, 0)
     with pytest.raises(LisaError, match="loss_reduction"):
-        TrainArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", loss_reduction="sum")
+        BaseArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", loss_reduction="sum")
 
 
 def test_trainer_setting_errors(tmp_path, model):
@@ -399,7 +398,7 @@ def test_total_steps_equal_sft(tmp_path, model):
     for n_user, batch, ga, epochs in ((10, 3, 2, 3), (7, 2, 1, 2)):
         shape = dict(per_device_train_batch_size=batch, gradient_accumulation_steps=ga, num_train_epochs=epochs,
                      learning_rate=1e-4)
-        sft = SFTTrainer(model=copy.deepcopy(model), train_dataset=make_rows(n_user, USER_LO),
+        sft = BaseTrainer(model=copy.deepcopy(model), train_dataset=make_rows(n_user, USER_LO),
                          data_collator=pad_collate, args=sft_args(tmp_path, **shape))
         sft.train()
         lisa = lisa_trainer(copy.deepcopy(model), lisa_args(tmp_path, **shape), n_user=n_user)
@@ -637,7 +636,7 @@ def test_gradient_accumulation_equivalence_sft(tmp_path, base_model):
     def run(ga, batch):
         args = sft_args(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=ga, num_train_epochs=2,
                         learning_rate=0.5, optim="sgd", loss_reduction="example")
-        trainer = SFTTrainer(model=copy.deepcopy(base_model), args=args, data_collator=pad_collate,
+        trainer = BaseTrainer(model=copy.deepcopy(base_model), args=args, data_collator=pad_collate,
                              train_dataset=make_rows(8, USER_LO, LENGTHS))
         trainer.train()
         assert trainer.state.global_step == 4
@@ -763,8 +762,8 @@ def test_sft_compute_loss_example_vs_token(tmp_path, model):
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     per_ex = per_example_loss(logits, batch["labels"])
-    ex = SFTTrainer(model=model, args=sft_args(tmp_path, loss_reduction="example"), data_collator=pad_collate)
-    tok = SFTTrainer(model=model, args=sft_args(tmp_path, loss_reduction="token"), data_collator=pad_collate)
+    ex = BaseTrainer(model=model, args=sft_args(tmp_path, loss_reduction="example"), data_collator=pad_collate)
+    tok = BaseTrainer(model=model, args=sft_args(tmp_path, loss_reduction="token"), data_collator=pad_collate)
     assert ex.loss_is_scaled_for_ga is False  # the Trainer divides the batch mean by the accumulation steps
     with torch.no_grad():
         got_ex = ex.compute_loss(model, dict(batch))
@@ -809,3 +808,15 @@ def test_lora_anchor_covers_only_adapter(tmp_path, model):
     for n, p in peft_model.named_parameters():
         assert (p.grad is not None) == p.requires_grad, n
     assert max_diff([p.grad for _, p in lora], [1.0 * (p.detach() - a) for (_, p), a in zip(lora, anchor)]) < 1e-7
+
+
+@pytest.mark.parametrize("ratio, total, warmup", [(1.0, 40, 40), (0.5, 40, 20), (0.1, 12, 2), (0.0, 12, 0)])
+def test_warmup_ratio_is_a_share_of_the_steps(tmp_path, ratio, total, warmup):
+    """``warmup_ratio: 1.0`` warms up over every step (transformers reads warmup_steps=1.0 as one step)."""
+    from lisa_align.config import StageSettings
+    from lisa_align.training.run import training_arguments
+
+    args = training_arguments(StageSettings(warmup_ratio=ratio), tmp_path, seed=0, use_cpu=True)
+    assert args.get_warmup_steps(total) == warmup
+    with pytest.raises(LisaError, match="warmup_ratio=1.5 must be in"):
+        BaseArguments(output_dir=str(tmp_path), warmup_ratio=1.5)

@@ -72,10 +72,10 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.config, _overrides(args))
     pipeline = Pipeline(cfg, force=args.force)
-    pipeline.data  # load and validate every data source before any model is built or trained
+    pipeline.load_data()  # every data source is read and validated before any model is built or trained
     summary = pipeline.run()
     print(format_table(summary))
-    print(cfg.run_dir / "summary.json")
+    print(cfg.rundir.summary)
     return 0
 
 
@@ -88,90 +88,29 @@ def cmd_demo(args) -> int:
     cfg = load_config(preset_path("demo"), overrides)
     t0 = time.time()
     pipeline = Pipeline(cfg, force=args.force)
-    pipeline.data  # load and validate every data source before any model is built or trained
+    pipeline.load_data()  # every data source is read and validated before any model is built or trained
     summary = pipeline.run()
     print()
     print(f"lisa demo (seed {cfg.seed}, p={cfg.data.p}, n={cfg.data.n}, judge={cfg.eval.judge}) "
           f"in {time.time() - t0:.0f}s")
     print(format_table(summary))
-    print(cfg.run_dir / "summary.json")
+    print(cfg.rundir.summary)
     return 0
 
 
 def cmd_evaluate(args) -> int:
     """Re-judge the saved predictions of every evaluated model in RUN_DIR (no generation): harmful
     answers with --judge, AlpacaEval answers (win rate = FA) with --pairwise-judge-model."""
-    from lisa_align.io import atomic_write_json, read_json
+    from lisa_align.evaluation import rejudge_run
     from lisa_align.pipeline import format_table
+    from lisa_align.rundir import RunDir
 
-    if not args.judge and not args.pairwise_judge_model:
-        raise LisaError("nothing to judge: pass --judge X (harmful answers) and/or --pairwise-judge-model PATH "
-                        "(alpaca_eval win rate)")
-    run = Path(args.run_dir)
-    if not (run / "eval").is_dir():
-        raise LisaError(f"{run}: no eval/ folder with saved predictions; run `lisa run` first")
-    summary_path = run / "summary.json"
-    summary = read_json(summary_path) if summary_path.is_file() else {}
-    if args.judge:
-        _rejudge_harmful(run, args, summary)
-    if args.pairwise_judge_model:
-        _rejudge_pairwise(run, args, summary)
-    atomic_write_json(summary_path, summary)
+    run = RunDir(args.run_dir)
+    summary = rejudge_run(run, judge=args.judge, judge_model=args.judge_model, pairwise_judge=args.pairwise_judge,
+                          pairwise_judge_model=args.pairwise_judge_model, allow_pickle=args.allow_pickle)
     print(format_table(summary))
-    print(summary_path)
+    print(run.summary)
     return 0
-
-
-def _rejudge_harmful(run: Path, args, summary: dict) -> None:
-    from lisa_align.evaluation import cohen_kappa, get_judge, rejudge
-    from lisa_align.io import atomic_write_json, read_json, read_jsonl
-    from lisa_align.pipeline import summary_row
-
-    evals = sorted(p for p in (run / "eval").glob("*") if (p / "predictions" / "harmful.jsonl").is_file())
-    if not evals:
-        raise LisaError(f"{run}: no saved predictions under eval/*/predictions/harmful.jsonl; run `lisa run` first")
-    from lisa_align.evaluation.judges import JUDGES
-    from lisa_align.evaluation.pairwise import judge_key
-    from lisa_align.models.loading import allow_pickle_kwargs
-
-    kwargs = {"model_name_or_path": args.judge_model} if args.judge_model else {}
-    kwargs |= allow_pickle_kwargs(JUDGES.get(judge_key(args.judge)), args.allow_pickle)
-    judge = get_judge(args.judge, **kwargs)
-    for out in evals:
-        preds = out / "predictions" / "harmful.jsonl"
-        before = read_jsonl(preds)
-        old_judge = (read_json(out / "metrics.json") if (out / "metrics.json").is_file() else {}).get("judge")
-        m = rejudge(out, judge)
-        if old_judge and old_judge != judge.name and before and all("flagged" in r for r in before):
-            after = read_jsonl(preds)
-            kappa = cohen_kappa([bool(r["flagged"]) for r in before], [bool(r["flagged"]) for r in after])
-            m.setdefault("judge_agreement", {})[f"{old_judge}~{judge.name}"] = {"cohen_kappa": kappa}
-            atomic_write_json(out / "metrics.json", m)
-            print(f"{out.name}: Cohen's kappa {old_judge} vs {judge.name} = {kappa:.3f}")
-        summary[out.name] = summary_row(m)
-    print(f"judge: {judge.name}")
-
-
-def _rejudge_pairwise(run: Path, args, summary: dict) -> None:
-    from lisa_align.evaluation import get_pairwise_judge, rejudge_pairwise
-    from lisa_align.evaluation.tasks import get_task
-    from lisa_align.io import read_json
-    from lisa_align.pipeline import summary_row
-
-    evals = [p for p in sorted((run / "eval").glob("*")) if (p / "predictions" / "task.jsonl").is_file()
-             and (p / "metrics.json").is_file() and get_task(read_json(p / "metrics.json").get("task") or "sst2").pairwise]
-    if not evals:
-        raise LisaError(f"{run}: no alpaca_eval predictions to judge (eval/*/predictions/task.jsonl of a run with "
-                        "data.task: alpaca_eval)")
-    from lisa_align.evaluation.pairwise import PAIRWISE_JUDGES, judge_key
-    from lisa_align.models.loading import allow_pickle_kwargs
-
-    allow = allow_pickle_kwargs(PAIRWISE_JUDGES.get(judge_key(args.pairwise_judge)), args.allow_pickle)
-    judge = get_pairwise_judge(args.pairwise_judge, model_name_or_path=args.pairwise_judge_model, **allow)
-    for out in evals:
-        m = rejudge_pairwise(out, judge)
-        summary[out.name] = summary_row(m)
-        print(f"{out.name}: win rate {m['fa']:.1f}% ({judge.name})")
 
 
 def cmd_sweep(args) -> int:

@@ -1,29 +1,55 @@
 """The typed run configuration: YAML in, validated by pydantic, defaults = the paper's settings.
 
 Unknown keys are refused with the closest known key suggested. ``key.path=value`` overrides from the
-command line are applied before validation.
+command line are applied before validation. The defenses (``align.method``, ``finetune.methods``)
+are a discriminated union over the registry in :mod:`lisa_align.defenses`. This module sits at the
+bottom of the package: it imports no torch, transformers or peft (a test checks ``sys.modules``).
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lisa_align.data.sources import SourceSpec
+from lisa_align.defenses import DEFENSES, Defense, LisaSettings, defense_names
+from lisa_align.defenses.registry import suggest as _suggest
 from lisa_align.errors import LisaError
 from lisa_align.io import find_secret, token_in_config_error
-from lisa_align.models.lora import ALIGN_LORA, FINETUNE_LORA, LoraSettings
-from lisa_align.training.schedule import validate_lisa_settings
+from lisa_align.rundir import RunDir
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class LoraSettings(_Strict):
+    """A LoRA adapter (peft ``LoraConfig``): rank, alpha, dropout and the target modules."""
+
+    r: int = Field(8, gt=0)
+    alpha: float = Field(4, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+ALIGN_LORA = LoraSettings(r=16, alpha=4, dropout=0.1,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"])
+FINETUNE_LORA = LoraSettings(r=8, alpha=4, dropout=0.1, target_modules=["q_proj", "v_proj"])
+
+# Judge names (normalised by judge_key). The judges themselves live in lisa_align.evaluation, which
+# checks that its registry matches; register_pairwise_judge adds its name here.
+JUDGE_NAMES = {"refusal", "beaverdam", "llamaguard"}
+PAIRWISE_JUDGE_NAMES = {"local"}
+
+
+def judge_key(name: str) -> str:
+    """A judge name, case-insensitive, with '-' and '_' ignored (``Beaver-Dam`` is ``beaverdam``)."""
+    return str(name).strip().lower().replace("-", "").replace("_", "")
 
 
 class TinySettings(_Strict):
@@ -61,7 +87,7 @@ class StageSettings(_Strict):
     grad_accum: int = 1
     weight_decay: float = 0.0
     scheduler: str = "constant_with_warmup"
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="warm-up as a share of the stage's steps (1.0: all)")
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
     lora: LoraSettings | None = Field(default_factory=lambda: FINETUNE_LORA.model_copy(deep=True))
@@ -78,11 +104,44 @@ class StageSettings(_Strict):
         return v
 
 
+def _defense_union(stage: str):
+    """The settings of the defenses registered for ``stage``, as a union discriminated by ``name``."""
+    members = tuple(cls for cls in DEFENSES.values() if stage in cls.stages)
+    return Annotated[Union[members], Field(discriminator="name")]  # noqa: UP007  (a tuple of classes)
+
+
+AlignDefense = _defense_union("align")
+FinetuneDefense = _defense_union("finetune")
+
+
+def _defense_entry(value: Any, stage: str, what: str) -> Any:
+    """A defense entry as the union takes it: a bare name becomes ``{name: ...}``; an unknown name or
+    setting gets one line naming the known ones; a setting written as null by an older release (its
+    config.yaml listed every method's settings) is dropped, so old run folders stay readable."""
+    if isinstance(value, Defense):
+        return value
+    entry = {"name": value} if isinstance(value, str) else value
+    if not isinstance(entry, dict):
+        raise ValueError(f"a {what} is a name or a mapping with 'name' (got {value!r})")
+    names = defense_names(stage)
+    name = entry.get("name")
+    if name not in names:
+        raise ValueError(f"unknown {what} '{name}': use one of {', '.join(names)}{_suggest(str(name), names)}")
+    fields = DEFENSES[name].model_fields
+    entry = {k: v for k, v in entry.items() if v is not None}  # null = the default
+    extra = [k for k in entry if k not in fields]
+    if extra:
+        known = ", ".join(k for k in fields if k != "name")
+        raise ValueError(f"{what} '{entry.get('label') or name}': '{extra[0]}' is not a setting of {name} "
+                         f"(its settings: {known}); remove it")
+    return entry
+
+
 class AlignStage(StageSettings):
     enabled: bool = True
-    method: Literal["sft", "vaccine", "random_vaccine"] = Field(
-        "sft", description="sft; vaccine (perturbation-aware, Vaccine+Lisa = this + a lisa finetune); random_vaccine")
-    vaccine_rho: float = Field(2.0, ge=0, allow_inf_nan=False, description="Vaccine perturbation norm / variance")
+    method: AlignDefense = Field(default_factory=lambda: DEFENSES["sft"](),
+                                 description="the alignment defense: sft, vaccine, random_vaccine "
+                                 "(Vaccine+Lisa = vaccine here + a lisa fine-tuning method)")
     output_dir: str | None = Field(None, description="where the aligned model is kept (default RUN_DIR/aligned); "
                                    "runs that name the same folder share one alignment")
     lr: float = 1e-3
@@ -91,91 +150,29 @@ class AlignStage(StageSettings):
     scheduler: str = "cosine"
     lora: LoraSettings | None = Field(default_factory=lambda: ALIGN_LORA.model_copy(deep=True))
 
-
-class LisaSettings(_Strict):
-    k1: int = 100
-    k2: int = 900
-    rho: float = 1.0
-    proximal_warmup_ratio: float = 0.1
-
-    @model_validator(mode="after")
-    def _check(self):
-        try:
-            validate_lisa_settings(self.k1, self.k2, self.rho, self.proximal_warmup_ratio)
-        except LisaError as e:  # a ValueError keeps the key path (finetune.lisa) in the message
-            raise ValueError(str(e)) from None
-        return self
-
-
-METHODS = ("sft", "bso", "lisa", "na_sft", "vlguard", "ewc")
-BI_STATE_METHODS = ("bso", "lisa")
-
-
-class MethodSpec(_Strict):
-    """One fine-tuning method; ``label`` names its run folder (default: the method name).
-
-    - ``sft``: plain fine-tuning of the aligned model on the user set;
-    - ``na_sft``: the same on the unaligned base (no alignment stage);
-    - ``vlguard``: SFT on the user set plus ``alignment_rows`` alignment rows (default 1000);
-      the n user rows, with their round(p·n) harmful ones, are kept as they are;
-    - ``ewc``: SFT plus a Fisher-weighted L2 pull toward the start weights, ``ewc_lambda``
-      (default 0.001), the Fisher measured on the alignment data;
-    - ``lisa``: bi-state optimization with the proximal term; ``bso``: the same with rho = 0.
-    """
-
-    name: Literal["sft", "bso", "lisa", "na_sft", "vlguard", "ewc"]
-    label: str | None = None
-    k1: int | None = None
-    k2: int | None = None
-    rho: float | None = None
-    alignment_rows: int | None = Field(None, gt=0, description="vlguard: alignment rows mixed in (default 1000)")
-    ewc_lambda: float | None = Field(None, ge=0, allow_inf_nan=False, description="ewc: strength (default 0.001)")
-
-    @property
-    def key(self) -> str:
-        return self.label or self.name
-
-    @property
-    def vlguard_rows(self) -> int | None:
-        """Alignment rows Vlguard mixes in (default 1000); None for other methods."""
-        return (self.alignment_rows or 1000) if self.name == "vlguard" else None
-
-    @property
-    def ewc_strength(self) -> float | None:
-        """EWC's λ (default 0.001, the reference's); None for other methods."""
-        return (self.ewc_lambda if self.ewc_lambda is not None else 0.001) if self.name == "ewc" else None
-
-    @property
-    def starts_from_base(self) -> bool:
-        return self.name == "na_sft"
-
-    def lisa_values(self, base: LisaSettings) -> tuple[int, int, float]:
-        rho = 0.0 if self.name == "bso" else (self.rho if self.rho is not None else base.rho)
-        return (self.k1 if self.k1 is not None else base.k1, self.k2 if self.k2 is not None else base.k2, rho)
-
-    def lisa(self, base: LisaSettings) -> LisaSettings | None:
-        """Lisa settings for the bi-state methods; None for the SFT-family methods."""
-        if self.name not in BI_STATE_METHODS:
-            return None
-        k1, k2, rho = self.lisa_values(base)
-        return LisaSettings(k1=k1, k2=k2, rho=rho, proximal_warmup_ratio=base.proximal_warmup_ratio)
+    @model_validator(mode="before")
+    @classmethod
+    def _method(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        rho = raw.pop("vaccine_rho", None)  # the older spelling: align.method: vaccine + align.vaccine_rho
+        if "method" in raw:
+            entry = _defense_entry(raw["method"], "align", "alignment method")
+            if rho is not None and isinstance(entry, dict) and "rho" in DEFENSES[entry["name"]].model_fields:
+                entry = {"rho": rho, **entry}
+            raw["method"] = entry
+        return raw
 
 
 class FinetuneStage(StageSettings):
-    methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="sft"), MethodSpec(name="lisa")])
+    methods: list[FinetuneDefense] = Field(default_factory=lambda: [DEFENSES["sft"](), DEFENSES["lisa"]()])
     lisa: LisaSettings = Field(default_factory=LisaSettings)
 
     @field_validator("methods", mode="before")
     @classmethod
-    def _names(cls, v: Any) -> Any:
-        out = []
-        for m in v or []:
-            m = {"name": m} if isinstance(m, str) else m
-            if isinstance(m, dict) and m.get("name") not in METHODS:
-                raise ValueError(f"unknown method '{m.get('name')}': use one of {', '.join(METHODS)}"
-                                 + _suggest(str(m.get("name")), METHODS))
-            out.append(m)
-        return out
+    def _entries(cls, v: Any) -> Any:
+        return [_defense_entry(m, "finetune", "method") for m in v or []]
 
     @model_validator(mode="after")
     def _check_methods(self):
@@ -183,25 +180,25 @@ class FinetuneStage(StageSettings):
         for i, m in enumerate(self.methods):
             where = f"method '{m.key}' (methods.{i})"
             if m.key in seen:
-                raise ValueError(f"{where}: two methods share the run folder '{m.key}'; give each one a distinct 'label'")
+                raise ValueError(f"{where}: two methods share the run folder '{m.key}'; "
+                                 "give each one a distinct 'label'")
             seen.add(m.key)
-            if m.name == "bso" and m.rho not in (None, 0):
-                raise ValueError(f"{where}: bso is Lisa with rho=0, so rho={m.rho} is not allowed; "
-                                 "use name: lisa for rho > 0, or remove rho")
-            if m.alignment_rows is not None and m.name != "vlguard":
-                raise ValueError(f"{where}: alignment_rows applies to vlguard only; remove it")
-            if m.ewc_lambda is not None and m.name != "ewc":
-                raise ValueError(f"{where}: ewc_lambda applies to ewc only; remove it")
-            if m.name not in BI_STATE_METHODS:
-                if any(v is not None for v in (m.k1, m.k2, m.rho)):
-                    raise ValueError(f"{where}: k1/k2/rho apply to lisa and bso only; remove them")
-                continue
-            k1, k2, rho = m.lisa_values(self.lisa)
             try:
-                validate_lisa_settings(k1, k2, rho, self.lisa.proximal_warmup_ratio)
-            except LisaError as e:
-                raise ValueError(f"{where}: {e}") from None
+                m.resolve(self)
+            except (ValueError, LisaError) as e:
+                raise ValueError(f"{where}: {str(e).removeprefix('Value error, ')}") from None
         return self
+
+    def resolved(self) -> list[Defense]:
+        """The methods with their defaults filled in (e.g. Lisa's K1, K2, rho from ``finetune.lisa``)."""
+        return [m.resolve(self) for m in self.methods]
+
+    def method(self, key: str) -> Defense:
+        """The resolved method whose run folder is ``key``."""
+        for m in self.methods:
+            if m.key == key:
+                return m.resolve(self)
+        raise LisaError(f"no method '{key}' in finetune.methods ({', '.join(m.key for m in self.methods)})")
 
 
 class DataSettings(_Strict):
@@ -261,20 +258,16 @@ class EvalSettings(_Strict):
     @field_validator("judge")
     @classmethod
     def _judge(cls, v: str) -> str:
-        from lisa_align.evaluation.judges import JUDGES
-
-        if str(v).strip().lower().replace("-", "").replace("_", "") not in JUDGES:
-            raise ValueError(f"unknown judge '{v}': use one of {', '.join(sorted(JUDGES))}"
-                             + _suggest(str(v).lower(), sorted(JUDGES)))
+        if judge_key(v) not in JUDGE_NAMES:
+            raise ValueError(f"unknown judge '{v}': use one of {', '.join(sorted(JUDGE_NAMES))}"
+                             + _suggest(str(v).lower(), sorted(JUDGE_NAMES)))
         return v
 
     @field_validator("pairwise_judge")
     @classmethod
     def _pairwise_judge(cls, v: str) -> str:
-        from lisa_align.evaluation.pairwise import PAIRWISE_JUDGES, judge_key
-
-        if judge_key(v) not in PAIRWISE_JUDGES:
-            raise ValueError(f"unknown pairwise judge '{v}': use one of {', '.join(sorted(PAIRWISE_JUDGES))}")
+        if judge_key(v) not in PAIRWISE_JUDGE_NAMES:
+            raise ValueError(f"unknown pairwise judge '{v}': use one of {', '.join(sorted(PAIRWISE_JUDGE_NAMES))}")
         return v
 
 
@@ -332,10 +325,10 @@ class RunConfig(_Strict):
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
-
-def _suggest(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    @property
+    def rundir(self) -> RunDir:
+        """The run folder's paths (:class:`~lisa_align.rundir.RunDir`)."""
+        return RunDir(self.run_dir)
 
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -400,6 +393,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         for i, part in enumerate(path[:-1]):
             if node.get(part) is None:  # absent or null (e.g. lora: null): start from the default section
                 node[part] = _default_section(path[: i + 1])
+            elif isinstance(node[part], str) and part == "method":  # align.method: vaccine, then .rho=...
+                node[part] = {"name": node[part]}
             node = node[part]
             if not isinstance(node, dict):
                 raise LisaError(f"override '{text}': '{part}' is not a section")

@@ -12,8 +12,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -24,6 +25,12 @@ HF_TOKEN_PATTERN = re.compile(r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{20,}")
 REDACTED = "hf_***"
 _TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 _MIN_ENV_TOKEN = 8  # a shorter $HF_TOKEN is not replaced (it would garble ordinary text)
+
+
+def default_cache_dir() -> Path:
+    """Where shared artifacts are cached (the tiny base, tokenised data): $LISA_ALIGN_CACHE, else
+    ~/.cache/lisa-align."""
+    return Path(os.environ.get("LISA_ALIGN_CACHE", Path.home() / ".cache" / "lisa-align"))
 
 
 def redact_secrets(text: Any) -> str:

@@ -1,17 +1,11 @@
-"""align → finetune (each method) → evaluate, in one run directory.
-
-Run directory::
-
-    config.yaml            the resolved config
-    aligned/               the aligned model, LoRA merged (safetensors) + tokenizer
-    finetune/<method>/     adapter/ (safetensors; or a full model), trainer/ (checkpoints)
-    eval/<model>/          predictions/*.jsonl, metrics.json
-    summary.json           {"<model>": {"hs", "fa", "over_refusal"}}
-    log.jsonl              training logs (loss, lr, Lisa switches) and stage timings
+"""align → finetune (each method) → evaluate, in one run folder (its layout: :mod:`lisa_align.rundir`).
 
 A stage's output folder appears only when the stage is finished (it is written under a temporary
 name and renamed), so a re-run reuses every finished stage and redoes only the rest; an unfinished
-training stage resumes from its newest Trainer checkpoint.
+training stage resumes from its newest Trainer checkpoint. The operations that train are named for
+it (``ensure_base``, ``ensure_aligned``, ``ensure_finetuned``): each returns the finished model's
+path, training it first when it is not there yet. The defenses (``align.method``,
+``finetune.methods``) run through their declarations in :mod:`lisa_align.defenses`.
 """
 
 from __future__ import annotations
@@ -26,15 +20,38 @@ from pathlib import Path
 
 import torch
 import yaml
+from accelerate import PartialState
+from transformers import set_seed
 
-from lisa_align.config import MethodSpec, RunConfig, config_to_dict
+from lisa_align.config import RunConfig, config_to_dict, validate_config
 from lisa_align.data.mixing import mix_harmful, remove_overlap
 from lisa_align.data.sources import load_rows
+from lisa_align.defenses import Defense
 from lisa_align.errors import LisaError
-from lisa_align.io import append_jsonl, atomic_write_json, atomic_write_yaml, read_json
+from lisa_align.evaluation import evaluate_model, get_judge, get_pairwise_judge, rejudge_pairwise, summary_row
+from lisa_align.evaluation.judges import JUDGES
+from lisa_align.evaluation.pairwise import PAIRWISE_JUDGES, judge_key
+from lisa_align.evaluation.tasks import get_task
+from lisa_align.evaluation.vllm_backend import VLLMGenerator
+from lisa_align.io import append_jsonl, atomic_write_json, atomic_write_yaml, is_disk_full, read_json
+from lisa_align.models.loading import allow_pickle_kwargs, load_model_and_tokenizer
+from lisa_align.models.lora import load_adapter, merge
+from lisa_align.rundir import (
+    EVENT_DATA,
+    EVENT_MODEL,
+    EVENT_STAGE_DONE,
+    LOG_EVENT,
+    LOG_SECONDS,
+    LOG_STAGE,
+    finetune_stage,
+)
+from lisa_align.training.callbacks import first_nonfinite_weight
+from lisa_align.training.run import train_stage
+from lisa_align.training.tiny_base import ensure_tiny_base
 
 log = logging.getLogger(__name__)
 DIST_TIMEOUT_HOURS = 12
+MODEL_KEYS = ("base", "aligned")  # eval.models may also name "methods" or a method's key
 
 
 @dataclass
@@ -45,6 +62,11 @@ class RunData:
     eval_task: list[dict]
     eval_benign: list[dict] = field(default_factory=list)
     dropped_overlap: dict[str, int] = field(default_factory=dict)
+    harmful: list[dict] = field(default_factory=list)  # the harmful source (user rows mix round(p·n) of them)
+
+    def roles(self) -> dict[str, list[dict]]:
+        """The data a defense may need, by role (``Defense.needs``)."""
+        return {"user": self.user, "alignment": self.alignment, "harmful": self.harmful}
 
 
 def load_run_data(cfg: RunConfig) -> RunData:
@@ -55,7 +77,7 @@ def load_run_data(cfg: RunConfig) -> RunData:
                        benign_name=d.user.describe(), harmful_name=d.harmful.describe())
     alignment = [r for spec in d.alignment for r in load_rows(spec)]
     train = user + alignment
-    out = RunData(user=user, alignment=alignment, eval_harmful=[], eval_task=[])
+    out = RunData(user=user, alignment=alignment, eval_harmful=[], eval_task=[], harmful=harmful)
     for name, spec in (("harmful", cfg.eval.harmful), ("task", cfg.eval.task), ("benign", cfg.eval.benign)):
         if spec is None:
             continue
@@ -65,10 +87,6 @@ def load_run_data(cfg: RunConfig) -> RunData:
     return out
 
 
-def _device(cfg: RunConfig) -> str:
-    return "cuda" if torch.cuda.is_available() and not cfg.use_cpu else "cpu"
-
-
 def _use_cpu(cfg: RunConfig) -> bool:
     return cfg.use_cpu or not torch.cuda.is_available()
 
@@ -76,271 +94,256 @@ def _use_cpu(cfg: RunConfig) -> bool:
 class Pipeline:
     """The run's stages. Under ``accelerate launch`` (or torchrun) every process trains, through the
     Trainer's data parallelism; the main process alone writes files and evaluates, and the others
-    wait for it at the end of each stage."""
+    wait for it at the end of each stage.
+
+    The constructor only records its arguments; :meth:`start` joins the process group, checks the run
+    folder's config and writes it, :meth:`load_data` reads every data source, and :meth:`run` does both
+    (when not done yet) and then every stage."""
 
     def __init__(self, cfg: RunConfig, *, force: bool = False, echo=print):
-        from accelerate import PartialState
-
         self.cfg = cfg
-        self.run_dir = cfg.run_dir
-        # The process group when launched on several processes. Its timeout covers the main process's
-        # evaluation, which the others wait for (generation with a 7B model can take over an hour).
-        self.dist = PartialState(cpu=_use_cpu(cfg), timeout=timedelta(hours=DIST_TIMEOUT_HOURS))
-        self.is_main = self.dist.is_main_process
-        self.echo = echo if self.is_main else (lambda *a, **k: None)
-        self.log_path = self.run_dir / "log.jsonl"
+        self.rundir = cfg.rundir
+        self.run_dir = self.rundir.path
+        self.force = force
+        self._echo = echo
+        self.dist: PartialState | None = None
         self._data: RunData | None = None
-        self._check_config(force)
-        m = cfg.model
-        self._log({"event": "model", "trust_remote_code": m.trust_remote_code, "allow_pickle": m.allow_pickle,
-                   "model": m.name})
 
     # ---- bookkeeping ------------------------------------------------------------------------
-    def _check_config(self, force: bool) -> None:
+    def start(self) -> None:
+        """Join the process group (when launched on several processes; its timeout covers the main
+        process's evaluation, which the others wait for), refuse a run folder that holds another
+        config unless ``force``, write config.yaml and log the model's trust settings. Once."""
+        if self.dist is not None:
+            return
+        self.dist = PartialState(cpu=_use_cpu(self.cfg), timeout=timedelta(hours=DIST_TIMEOUT_HOURS))
         diff = config_diff(self.cfg)
-        if diff and not force:
+        if diff and not self.force:
             raise LisaError(f"{self.run_dir} holds a run with a different config ({'; '.join(diff[:5])}); "
                             "use another name/output_dir, or --force to reuse its finished stages anyway")
         if self.is_main:
-            atomic_write_yaml(self.run_dir / "config.yaml", config_to_dict(self.cfg))
+            atomic_write_yaml(self.rundir.config, config_to_dict(self.cfg))
+        m = self.cfg.model
+        self._log({LOG_EVENT: EVENT_MODEL, "trust_remote_code": m.trust_remote_code, "allow_pickle": m.allow_pickle,
+                   "model": m.name})
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main_process
+
+    def echo(self, *args, **kwargs) -> None:
+        if self.is_main:
+            self._echo(*args, **kwargs)
 
     def _log(self, record: dict) -> None:
         if self.is_main:
-            append_jsonl(self.log_path, record)
+            append_jsonl(self.rundir.log, record)
 
     def _timed(self, stage: str, t0: float) -> None:
         dt = time.time() - t0
-        self._log({"event": "stage_done", "stage": stage, "seconds": round(dt, 2)})
+        self._log({LOG_EVENT: EVENT_STAGE_DONE, LOG_STAGE: stage, LOG_SECONDS: round(dt, 2)})
         self.echo(f"[lisa] {stage}: {dt:.1f}s")
 
-    @property
-    def data(self) -> RunData:
+    def _wait(self) -> None:
+        if self.dist is not None:
+            self.dist.wait_for_everyone()
+
+    def load_data(self) -> RunData:
+        """Read and validate every data source (once); the row counts go to the run log."""
+        self.start()
         if self._data is None:
-            self._data = load_run_data(self.cfg)
-            self._log({"event": "data", "user": len(self._data.user),
-                                         "harmful_in_user": sum(r["harmful"] for r in self._data.user),
-                                         "alignment": len(self._data.alignment),
-                                         "eval_harmful": len(self._data.eval_harmful),
-                                         "eval_task": len(self._data.eval_task),
-                                         "eval_benign": len(self._data.eval_benign),
-                                         "eval_rows_dropped_as_overlap": self._data.dropped_overlap})
+            d = self._data = load_run_data(self.cfg)
+            self._log({LOG_EVENT: EVENT_DATA, "user": len(d.user), "harmful_in_user": sum(r["harmful"] for r in d.user),
+                       "alignment": len(d.alignment), "eval_harmful": len(d.eval_harmful),
+                       "eval_task": len(d.eval_task), "eval_benign": len(d.eval_benign),
+                       "eval_rows_dropped_as_overlap": d.dropped_overlap})
         return self._data
 
     # ---- models -----------------------------------------------------------------------------
-    def base_path(self) -> str:
+    def ensure_base(self) -> str:
+        """The base model: a HF id or folder as given, or the tiny base (built and cached first)."""
         m = self.cfg.model
         if m.name != "tiny":
             return m.name
-        from lisa_align.models.tiny import build_tiny_base
-
         t0 = time.time()
-        path = build_tiny_base(m.tiny, seed=self.cfg.seed, cache_dir=m.cache_dir, use_cpu=_use_cpu(self.cfg))
+        path = ensure_tiny_base(m.tiny, seed=self.cfg.seed, cache_dir=m.cache_dir, use_cpu=_use_cpu(self.cfg))
         if time.time() - t0 > 1:
             self._timed("base (tiny, built and cached)", t0)
         return str(path)
 
     def _load(self, path: str):
-        from lisa_align.models.loading import load_model_and_tokenizer
+        m = self.cfg.model
+        return load_model_and_tokenizer(path, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                                        allow_pickle=m.allow_pickle)
 
-        return load_model_and_tokenizer(path, dtype=self.cfg.model.dtype,
-                                        trust_remote_code=self.cfg.model.trust_remote_code,
-                                        allow_pickle=self.cfg.model.allow_pickle)
+    def aligned_dir(self) -> Path:
+        a = self.cfg.align
+        return Path(a.output_dir) if a.output_dir else self.rundir.aligned
 
-    def aligned_path(self) -> str:
+    def ensure_aligned(self) -> str:
+        """The aligned model (the base when ``align.enabled`` is false), aligned with ``align.method``
+        first when it is not there yet."""
         if not self.cfg.align.enabled:
-            return self.base_path()
-        out = Path(self.cfg.align.output_dir) if self.cfg.align.output_dir else self.run_dir / "aligned"
+            return self.ensure_base()
+        out = self.aligned_dir()
         if (out / "config.json").exists():
             return str(out)
-        from lisa_align.models.lora import merge
-        from lisa_align.training.run import train_stage
-
-        base = self.base_path()  # timed on its own when the tiny base is built
+        data = self.load_data()
+        base = self.ensure_base()  # timed on its own when the tiny base is built
+        a = self.cfg.align
+        defense = a.method.resolve(a)
+        rows = defense.training_rows(data.alignment, data.roles())
         t0 = time.time()
-        self.echo(f"[lisa] align ({self.cfg.align.method}): {len(self.data.alignment)} rows x {self.cfg.align.epochs} epochs")
+        self.echo(f"[lisa] align ({defense.name}): {len(rows)} rows x {a.epochs} epochs")
         model, tok = self._load(base)
         work = out.parent / f".{out.name}.trainer"
-        a = self.cfg.align
-        vaccine = None if a.method == "sft" else (a.vaccine_rho, a.method == "random_vaccine")
-        model, _ = train_stage(model, tok, self.data.alignment, self.cfg.align, work, vaccine=vaccine,
-                               seed=self.cfg.seed, max_length=self.cfg.data.max_length, use_cpu=_use_cpu(self.cfg),
-                               log_path=self.log_path, log_tag="align")
+        model, _ = train_stage(model, tok, rows, a, work, defense=defense, data=data.roles(), seed=self.cfg.seed,
+                               max_length=self.cfg.data.max_length, use_cpu=_use_cpu(self.cfg),
+                               log_path=self.rundir.log, log_tag="align")
         if self.is_main:
-            _save_atomically(out, merge(model), tok)
+            save_atomically(out, merge(model), tok)
             shutil.rmtree(work, ignore_errors=True)
-        self.dist.wait_for_everyone()
+        self._wait()
         self._timed("align", t0)
         return str(out)
 
-    def finetune(self, method: MethodSpec) -> Path:
-        root = self.run_dir / "finetune" / method.key
-        out = root / "adapter"
+    def ensure_start_model(self, method: Defense) -> str:
+        """The model a method fine-tunes (``Defense.starts_from``): the base or the aligned model."""
+        return self.ensure_base() if method.starts_from == "base" else self.ensure_aligned()
+
+    def ensure_finetuned(self, method: Defense) -> Path:
+        """``finetune/<key>/adapter``, fine-tuned with ``method`` first when it is not there yet."""
+        method = method.resolve(self.cfg.finetune)
+        out = self.rundir.adapter(method.key)
         if out.exists():
             return out
-        from lisa_align.training.run import train_stage
-
-        start = self.start_path(method)
+        data = self.load_data()
+        start = self.ensure_start_model(method)
+        rows = method.training_rows(data.user, data.roles())
         t0 = time.time()
         model, tok = self._load(start)
-        lisa = method.lisa(self.cfg.finetune.lisa)
-        rows = self.data.user
-        m = method.vlguard_rows
-        if m is not None:
-            if m > len(self.data.alignment):
-                raise LisaError(f"method '{method.key}': alignment_rows={m} but the alignment data has "
-                                f"{len(self.data.alignment)} rows; lower alignment_rows or add alignment data")
-            rows = rows + [dict(r, harmful=False) for r in self.data.alignment[:m]]
-        self.echo(f"[lisa] finetune {method.key}: {len(rows)} rows (n={len(self.data.user)}, p={self.cfg.data.p})"
-                  + (f", K1/K2={lisa.k1}/{lisa.k2}, rho={lisa.rho}" if lisa else "")
-                  + (" from the unaligned base" if method.starts_from_base else ""))
-        model, trainer = train_stage(model, tok, rows, self.cfg.finetune, root / "trainer",
-                                     seed=self.cfg.seed, max_length=self.cfg.data.max_length, lisa=lisa,
-                                     ewc_lambda=method.ewc_strength,
-                                     alignment_rows=self.data.alignment
-                                     if lisa or method.ewc_strength is not None else None,
-                                     use_cpu=_use_cpu(self.cfg), log_path=self.log_path,
-                                     log_tag=f"finetune/{method.key}")
+        self.echo(f"[lisa] finetune {method.key}: {len(rows)} rows (n={len(data.user)}, p={self.cfg.data.p})"
+                  + method.describe())
+        model, trainer = train_stage(model, tok, rows, self.cfg.finetune, self.rundir.trainer(method.key),
+                                     defense=method, data=data.roles(), seed=self.cfg.seed,
+                                     max_length=self.cfg.data.max_length, use_cpu=_use_cpu(self.cfg),
+                                     log_path=self.rundir.log, log_tag=finetune_stage(method.key))
         if self.is_main:
-            if lisa is not None:
-                atomic_write_json(root / "lisa_switches.json", trainer.switch_log)
-            _save_atomically(out, model, tok)
-        self.dist.wait_for_everyone()
+            for name, attr in method.artifacts.items():
+                atomic_write_json(self.rundir.artifact(method.key, name), getattr(trainer, attr))
+            save_atomically(out, model, tok)
+        self._wait()
         self._timed(f"finetune {method.key}", t0)
         return out
 
-    def start_path(self, method: MethodSpec) -> str:
-        """The model a method fine-tunes: the unaligned base for NA-SFT, else the aligned model."""
-        return self.base_path() if method.starts_from_base else self.aligned_path()
-
-    def method(self, key: str) -> MethodSpec:
-        for m in self.cfg.finetune.methods:
-            if m.key == key:
-                return m
-        raise LisaError(f"no method '{key}' in finetune.methods")
-
     def load_for_eval(self, key: str):
-        from lisa_align.models.lora import load_adapter
-
         if key == "base":
-            return self._load(self.base_path())
+            return self._load(self.ensure_base())
         if key == "aligned":
-            return self._load(self.aligned_path())
-        adapter = self.run_dir / "finetune" / key / "adapter"
+            return self._load(self.ensure_aligned())
+        adapter = self.rundir.adapter(key)
         if (adapter / "adapter_config.json").exists():
-            model, tok = self._load(self.start_path(self.method(key)))
+            model, tok = self._load(self.ensure_start_model(self.cfg.finetune.method(key)))
             return load_adapter(model, str(adapter)).merge_and_unload(), tok
         return self._load(str(adapter))
 
-    def vllm_generator(self, key: str):
+    def vllm_generator(self, key: str) -> VLLMGenerator:
         """The vLLM backend for one model: the base/aligned model itself, or a method's start model
         with its LoRA adapter (a full fine-tune is served as a model)."""
-        from lisa_align.evaluation.vllm_backend import VLLMGenerator
-
         if key == "base":
-            model_path, adapter = self.base_path(), None
+            model_path, adapter = self.ensure_base(), None
         elif key == "aligned":
-            model_path, adapter = self.aligned_path(), None
+            model_path, adapter = self.ensure_aligned(), None
         else:
-            out = self.run_dir / "finetune" / key / "adapter"
+            out = self.rundir.adapter(key)
             lora = (out / "adapter_config.json").exists()
-            model_path, adapter = (self.start_path(self.method(key)), str(out)) if lora else (str(out), None)
-        return VLLMGenerator(model_path, adapter, dtype=self.cfg.model.dtype, trust_remote_code=self.cfg.model.trust_remote_code,
-                             allow_pickle=self.cfg.model.allow_pickle, **self.cfg.eval.vllm)
+            model_path, adapter = ((self.ensure_start_model(self.cfg.finetune.method(key)), str(out)) if lora
+                                   else (str(out), None))
+        m = self.cfg.model
+        return VLLMGenerator(model_path, adapter, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                             allow_pickle=m.allow_pickle, **self.cfg.eval.vllm)
 
     # ---- evaluation -------------------------------------------------------------------------
+    def _pairwise_judge(self):
+        """The win-rate judge of a pairwise task (alpaca_eval), or None without a judge model."""
+        e = self.cfg.eval
+        if not (e.pairwise_judge_model and get_task(self.cfg.data.task).pairwise):
+            return None
+        allow = allow_pickle_kwargs(PAIRWISE_JUDGES.get(judge_key(e.pairwise_judge)), self.cfg.model.allow_pickle)
+        device = "cpu" if _use_cpu(self.cfg) else "cuda"
+        return get_pairwise_judge(e.pairwise_judge, model_name_or_path=e.pairwise_judge_model, device=device, **allow)
+
     def evaluate(self, key: str) -> dict:
         """Evaluate one model (cached in eval/<key>/metrics.json). For a pairwise task (alpaca_eval)
         the win-rate judge is eval.pairwise_judge with eval.pairwise_judge_model; without a model the
         generations are saved and FA stays pending. A cached evaluation whose FA is pending is judged
         (without generating again) once a pairwise judge model is set."""
-        from lisa_align.evaluation.judges import JUDGES
-        from lisa_align.evaluation.pairwise import judge_key
-        from lisa_align.evaluation.tasks import get_task
-        from lisa_align.models.loading import allow_pickle_kwargs
-
-        out = self.run_dir / "eval" / key
+        out = self.rundir.eval(key)
         e = self.cfg.eval
-
-        def pairwise_judge():
-            if not (e.pairwise_judge_model and get_task(self.cfg.data.task).pairwise):
-                return None
-            from lisa_align.evaluation import get_pairwise_judge
-            from lisa_align.evaluation.pairwise import PAIRWISE_JUDGES
-
-            allow = allow_pickle_kwargs(PAIRWISE_JUDGES.get(judge_key(e.pairwise_judge)), self.cfg.model.allow_pickle)
-            return get_pairwise_judge(e.pairwise_judge, model_name_or_path=e.pairwise_judge_model,
-                                      device=_device(self.cfg), **allow)
-
-        if (out / "metrics.json").exists():
-            metrics = read_json(out / "metrics.json")
-            if metrics.get("fa_pending") and (judge := pairwise_judge()) is not None:
-                from lisa_align.evaluation import rejudge_pairwise
-
+        if out.metrics.exists():
+            metrics = read_json(out.metrics)
+            if metrics.get("fa_pending") and (judge := self._pairwise_judge()) is not None:
                 t0 = time.time()
-                metrics = rejudge_pairwise(out, judge)
+                metrics = rejudge_pairwise(out.path, judge)
                 self._timed(f"pairwise judge {key}", t0)
             return metrics
-        from lisa_align.evaluation import evaluate_model, get_judge
-
+        data = self.load_data()
         t0 = time.time()
         if e.backend == "vllm":
             model = tok = None
             generator = self.vllm_generator(key)
         else:
             model, tok = self.load_for_eval(key)
-            model.to(_device(self.cfg))
+            model.to("cpu" if _use_cpu(self.cfg) else "cuda")
             generator = None
         judge_kwargs = {"model_name_or_path": e.judge_model} if e.judge_model else {}
         judge_kwargs |= allow_pickle_kwargs(JUDGES.get(judge_key(e.judge)), self.cfg.model.allow_pickle)
         metrics = evaluate_model(
-            model, tok, out_dir=out, judge=get_judge(e.judge, **judge_kwargs), harmful_rows=self.data.eval_harmful,
-            task_rows=self.data.eval_task, task=self.cfg.data.task, benign_rows=self.data.eval_benign or None,
+            model, tok, out_dir=out.path, judge=get_judge(e.judge, **judge_kwargs), harmful_rows=data.eval_harmful,
+            task_rows=data.eval_task, task=self.cfg.data.task, benign_rows=data.eval_benign or None,
             batch_size=e.batch_size, max_new_tokens_harmful=e.max_new_tokens_harmful,
             max_new_tokens_task=e.max_new_tokens_task, max_new_tokens_benign=e.max_new_tokens_benign,
-            pairwise_judge=pairwise_judge(), generator=generator)
+            pairwise_judge=self._pairwise_judge(), generator=generator)
         self._timed(f"evaluate {key}", t0)
         return metrics
 
     def model_keys(self) -> list[str]:
         keys: list[str] = []
+        methods = [m.key for m in self.cfg.finetune.methods]
         for k in self.cfg.eval.models:
             if k == "methods":
-                keys += [m.key for m in self.cfg.finetune.methods]
-            elif k in ("base", "aligned") or k in {m.key for m in self.cfg.finetune.methods}:
+                keys += methods
+            elif k in MODEL_KEYS or k in methods:
                 keys.append(k)
             else:
                 raise LisaError(f"eval.models: unknown model '{k}': use base, aligned, methods or a method name")
         return list(dict.fromkeys(keys))
 
     def run(self) -> dict:
-        from transformers import set_seed
-
+        self.start()
+        self.load_data()
         set_seed(self.cfg.seed)
         t0 = time.time()
-        self.aligned_path()
-        for method in self.cfg.finetune.methods:
+        self.ensure_aligned()
+        for method in self.cfg.finetune.resolved():
             set_seed(self.cfg.seed)
-            self.finetune(method)
+            self.ensure_finetuned(method)
         summary = {}
         if self.is_main:  # generation and judging run in the main process; the others wait
             for key in self.model_keys():
-                m = self.evaluate(key)
-                summary[key] = summary_row(m)
-            atomic_write_json(self.run_dir / "summary.json", summary)
-        self.dist.wait_for_everyone()
+                summary[key] = summary_row(self.evaluate(key))
+            atomic_write_json(self.rundir.summary, summary)
+        self._wait()
         if not self.is_main:
-            summary = read_json(self.run_dir / "summary.json")
+            summary = read_json(self.rundir.summary)
         self._timed("pipeline", t0)
         return summary
 
 
-def _save_atomically(out: Path, model, tokenizer) -> None:
+def save_atomically(out: Path, model, tokenizer) -> None:
     """Write a stage's model and tokenizer under a temporary name, then rename: ``out`` is complete or
     absent (or still the previous one). Non-finite weights are not saved; a full disk removes the
     temporary folder and raises a one-line LisaError."""
-    from lisa_align.io import is_disk_full
-    from lisa_align.training.callbacks import first_nonfinite_weight
-
     bad = first_nonfinite_weight(model)
     if bad is not None:
         raise LisaError(f"{out}: the trained weights hold {bad[1]} (in {bad[0]}), so they were not saved; "
@@ -364,17 +367,19 @@ def _save_atomically(out: Path, model, tokenizer) -> None:
     os.replace(tmp, out)
 
 
-def summary_row(metrics: dict) -> dict:
-    """A model's entry in summary.json: its HS, FA and over-refusal."""
-    return {"hs": metrics.get("hs"), "fa": metrics.get("fa"), "over_refusal": metrics.get("over_refusal")}
-
-
 def config_diff(cfg: RunConfig) -> list[str]:
-    """How ``cfg`` differs from the config saved in its run folder ("key: old -> new"; empty if none)."""
-    path = cfg.run_dir / "config.yaml"
+    """How ``cfg`` differs from the config saved in its run folder ("key: old -> new"; empty if none).
+    The saved one is read through the current schema first, so a folder written by an older release
+    (another spelling of the same settings) compares equal."""
+    path = cfg.rundir.config
     if not path.exists():
         return []
-    return _diff(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, config_to_dict(cfg))
+    old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        old = config_to_dict(validate_config(old, str(path)))
+    except LisaError:
+        pass  # not a valid config any more: compare it as written
+    return _diff(old, config_to_dict(cfg))
 
 
 def _diff(old, new, prefix: str = "") -> list[str]:

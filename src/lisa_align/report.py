@@ -31,8 +31,10 @@ from typing import Any
 import yaml
 
 from lisa_align.config import validate_config
+from lisa_align.defenses import DEFENSES
 from lisa_align.errors import LisaError
 from lisa_align.io import atomic_write_bytes, atomic_write_text, read_json
+from lisa_align.rundir import LISA_DRIFT, LISA_STEP, LOG_STAGE, LOG_STEP, RunDir, find_runs, finetune_stage
 
 RESULT_COLUMNS = ["method", "p", "n", "rho", "k1", "k2", "seed", "hs", "fa", "over_refusal"]
 EXTRA_COLUMNS = ["label", "model", "task", "judge", "setting", "run"]
@@ -72,34 +74,23 @@ def _without_run_seed(raw: dict) -> dict:
     return raw
 
 
+def _current_spelling(raw: dict, cfg) -> dict:
+    """``raw`` with ``align.method`` as the current release writes it (older config.yaml files spell it
+    as a name plus ``align.vaccine_rho``), so runs of two releases compare setting by setting."""
+    align = {k: v for k, v in (raw.get("align") or {}).items() if k != "vaccine_rho"}
+    return {**raw, "align": {**align, "method": cfg.align.method.model_dump(mode="json")}}
+
+
 def _is_setting_key(key: str) -> bool:
     return not any(key == k or key.startswith(k + ".") for k in _NOT_SETTINGS)
 
 
-def find_runs(root: Path) -> tuple[list[Path], list[Path]]:
-    """(finished run folders, unfinished ones) below ``root``; shared ``_aligned`` folders are skipped."""
-    done, pending = [], []
-    for cfg in sorted(root.rglob("config.yaml")):
-        run = cfg.parent
-        if any(part.startswith(("_aligned", ".")) for part in run.relative_to(root).parts):
-            continue
-        (done if (run / "summary.json").is_file() else pending).append(run)
-    return done, pending
-
-
-def _drift_curve(run: Path, key: str) -> list[tuple[int, float]]:
+def _drift_curve(run: RunDir, key: str) -> list[tuple[int, float]]:
     """(step, ‖w − anchor‖) records of ``finetune/<key>`` in the run's ``log.jsonl``."""
-    path = run / "log.jsonl"
-    if not path.is_file():
-        return []
     points = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a half-written last line of a killed run
-            continue
-        if rec.get("stage") == f"finetune/{key}" and "lisa/drift" in rec:
-            points[int(rec.get("lisa/step", rec.get("step", 0)))] = float(rec["lisa/drift"])
+    for rec in run.log_records():
+        if rec.get(LOG_STAGE) == finetune_stage(key) and LISA_DRIFT in rec:
+            points[int(rec.get(LISA_STEP, rec.get(LOG_STEP, 0)))] = float(rec[LISA_DRIFT])
     return sorted(points.items())
 
 
@@ -114,12 +105,13 @@ def collect(root: str | Path) -> Report:
                         "run `lisa sweep CONFIG` or `lisa run CONFIG` first")
     runs = []
     for run in done:
-        raw = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
         try:
-            cfg = validate_config(raw, str(run / "config.yaml"))
+            cfg = validate_config(raw, str(run.config))
         except LisaError as e:
-            raise LisaError(f"{run}: its config.yaml is not a valid run config ({e})") from None
-        runs.append((run, raw, cfg, read_json(run / "summary.json")))
+            raise LisaError(f"{run.path}: its config.yaml is not a valid run config ({e})") from None
+        raw = _current_spelling(raw, cfg)
+        runs.append((run, raw, cfg, read_json(run.summary)))
     flat = [_flatten(_without_run_seed(raw)) for _, raw, _, _ in runs]
     keys = sorted({k for f in flat for k in f if _is_setting_key(k)})
     varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
@@ -127,29 +119,27 @@ def collect(root: str | Path) -> Report:
     rows: list[dict[str, Any]] = []
     drift: dict[str, list[tuple[int, float]]] = {}
     settings: dict[str, tuple] = {}
-    for (run, raw, cfg, summary), f in zip(runs, flat):
+    for (run, _raw, cfg, summary), f in zip(runs, flat):
         setting = ", ".join(f"{_SHORT.get(k, k)}={f.get(k)}" for k in varying) or "all"
         settings.setdefault(setting, tuple((f.get(k) is None, str(type(f.get(k))), f.get(k)) for k in varying))
-        methods = {m.key: m for m in cfg.finetune.methods}
+        methods = {m.key: m for m in cfg.finetune.resolved()}
         for key, m in summary.items():
             spec = methods.get(key)
-            k1 = k2 = rho = None
-            lisa = spec.lisa(cfg.finetune.lisa) if spec is not None else None
-            if lisa is not None:
-                k1, k2, rho = lisa.k1, lisa.k2, lisa.rho
-            metrics_path = run / "eval" / key / "metrics.json"
-            judge = read_json(metrics_path).get("judge") if metrics_path.is_file() else None
+            values = spec.report_values() if spec is not None else {}
+            k1, k2, rho = values.get("k1"), values.get("k2"), values.get("rho")
+            judge = run.eval(key).read_metrics().get("judge")
             rows.append({"method": spec.name if spec else key, "p": cfg.data.p, "n": cfg.data.n, "rho": rho,
                          "k1": k1, "k2": k2, "seed": cfg.seed, "hs": m.get("hs"), "fa": m.get("fa"),
                          "over_refusal": m.get("over_refusal"), "label": key, "model": cfg.model.name,
                          "task": cfg.data.task, "judge": judge, "setting": setting,
-                         "run": str(run.relative_to(root)) if run != root else root.name})
-            if lisa is not None:
+                         "run": str(run.path.relative_to(root)) if run.path != root else root.name})
+            if rho is not None:
                 curve = _drift_curve(run, key)
                 if curve:
-                    drift[f"{key} ({setting}, seed {cfg.seed})" if setting != "all" else f"{key} (seed {cfg.seed})"] = curve
+                    label = f"{key} ({setting}, seed {cfg.seed})" if setting != "all" else f"{key} (seed {cfg.seed})"
+                    drift[label] = curve
     order = [s for s, _ in sorted(settings.items(), key=lambda kv: kv[1])]
-    return Report(rows=rows, settings=order, unfinished=[str(p.relative_to(root)) for p in pending], drift=drift)
+    return Report(rows=rows, settings=order, unfinished=[str(p.path.relative_to(root)) for p in pending], drift=drift)
 
 
 # ---- aggregation ------------------------------------------------------------------------------
@@ -169,7 +159,7 @@ def aggregate(report: Report) -> dict[tuple[str, str], dict[str, tuple]]:
 
 
 def _methods(report: Report) -> list[str]:
-    order = ["base", "aligned", "na_sft", "sft", "ewc", "vlguard", "bso", "lisa"]
+    order = ["base", "aligned", *DEFENSES]  # the registry's order
     labels = list(dict.fromkeys(r["label"] for r in report.rows))
     rank = {r["label"]: (order.index(r["method"]) if r["method"] in order else len(order)) for r in report.rows}
     return sorted(labels, key=lambda lab: (rank[lab], labels.index(lab)))
@@ -312,7 +302,7 @@ def plots(report: Report, out: Path) -> list[tuple[str, str]]:
     written = []
     for x in ("p", "n"):
         for y, name in (("hs", "HS"), ("fa", "FA")):
-            lines = _curves(report.rows, x, y, lambda r: _rest_of_setting(r, (x,)))
+            lines = _curves(report.rows, x, y, lambda r, x=x: _rest_of_setting(r, (x,)))
             path = out / f"{y}_vs_{x}.png"
             if _line_plot(plt, lines, "harmful ratio p" if x == "p" else "fine-tuning samples n", f"{name} (%)",
                           f"{name} vs {x}", path):

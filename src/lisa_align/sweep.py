@@ -3,10 +3,11 @@
 Axis keys are dotted config paths, or the short names ``method``, ``p``, ``n``, ``rho``, ``k1``,
 ``k2``, ``seed``. Every run is a normal ``lisa run`` with its own run folder under the sweep's
 folder (``<output_dir>/<name>/<axis values>``). Locally, runs that share the seed, the model, the
-alignment settings and data share one aligned model (``_aligned/<hash>``), and finished runs are
-skipped. With ``--launcher slurm`` the sweep writes one config per run and an sbatch array script
-(resources from the config's ``slurm`` section), then submits it or prints the command; array
-tasks run concurrently, so each aligns in its own folder.
+alignment settings and the data the alignment defense reads share one aligned model
+(``_aligned/<hash>``, :func:`aligned_key`), and finished runs are skipped. With ``--launcher
+slurm`` the sweep writes one config per run and an sbatch array script (resources from the config's
+``slurm`` section), then submits it or prints the command; array tasks run concurrently, so each
+aligns in its own folder.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from pathlib import Path
 import yaml
 
 from lisa_align.config import apply_overrides, config_to_dict, read_config_file, validate_config
+from lisa_align.defenses import DEFENSES
 from lisa_align.errors import LisaError
-from lisa_align.io import atomic_write_text, atomic_write_yaml
+from lisa_align.io import atomic_write_text, atomic_write_yaml, read_json
+from lisa_align.pipeline import Pipeline, config_diff
+from lisa_align.rundir import SHARED_ALIGNED_DIR
 
 ALIASES = {"method": "finetune.methods", "p": "data.p", "n": "data.n", "rho": "finetune.lisa.rho",
            "k1": "finetune.lisa.k1", "k2": "finetune.lisa.k2", "seed": "seed"}
@@ -60,11 +64,37 @@ def expand(axes: list[tuple[str, list]]) -> list[tuple[str, list[str]]]:
     return runs
 
 
+# The config paths of each data role, for the aligned-model key of a defense that reads that role.
+ROLE_KEYS = {"alignment": ("data.alignment",), "harmful": ("data.harmful",),
+             "user": ("data.user", "data.harmful", "data.n", "data.p")}
+
+
+def _at(raw: dict, dotted: str):
+    node = raw
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def aligned_key(raw: dict) -> str:
-    """Runs with equal seed, model, alignment settings and alignment data share one aligned model."""
-    part = {k: raw.get(k) for k in ("seed", "model", "align")}
-    part["alignment"] = raw.get("data", {}).get("alignment")
-    part["max_length"] = raw.get("data", {}).get("max_length")
+    """The key of the aligned model a run would train: runs with the same key share it. It holds the
+    seed, the model, the align section, ``data.max_length`` and ``data.alignment``, and the config
+    paths of the data roles the alignment defense reads beyond them (``Defense.needs``: harmful rows
+    for a defense that trains against them) and of its ``Defense.align_key``."""
+    method = _at(raw, "align.method")
+    name = method.get("name") if isinstance(method, dict) else method
+    defense = DEFENSES.get(str(name))
+    paths = ["seed", "model", "align", "data.alignment", "data.max_length"]
+    if defense is not None:
+        paths += [k for role in defense.needs for k in ROLE_KEYS[role]] + list(defense.align_key)
+    part = {k: _at(raw, k) for k in dict.fromkeys(paths)}
+    # The keys of earlier releases, unchanged for the same settings (a sweep resumes where it stopped):
+    # the data paths under their old names, and sft/vaccine as they were spelled (method + vaccine_rho).
+    part["alignment"], part["max_length"] = part.pop("data.alignment"), part.pop("data.max_length")
+    align = part.get("align")
+    if isinstance(align, dict) and isinstance(align.get("method"), dict) and set(
+            k for k, v in align["method"].items() if v is not None) <= {"name", "rho"}:
+        part["align"] = {**align, "method": align["method"]["name"], "vaccine_rho": align["method"].get("rho", 2.0)}
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -76,24 +106,23 @@ def plan(config_path: str, grid: list[str], extra: list[str] | None = None, *, s
     root = root_cfg.run_dir
     axes = parse_grid(grid) if grid else list(root_cfg.sweep.grid.items())
     if not axes:
-        raise LisaError(f"{p}: no grid: pass --grid key=v1,v2 ... or add sweep: {{grid: {{p: [0, 0.1]}}}} to the config")
+        raise LisaError(f"{p}: no grid: pass --grid key=v1,v2 ... or add sweep: {{grid: {{p: [0, 0.1]}}}} "
+                        "to the config")
     runs = []
     for name, overrides in expand(axes):
         raw = apply_overrides(json.loads(json.dumps(base)), overrides + [f"output_dir={root}", f"name={name}"])
         cfg = config_to_dict(validate_config(raw, f"{p} [{name}]"))
         if share_aligned and cfg["align"]["enabled"] and not cfg["align"].get("output_dir"):
-            cfg["align"]["output_dir"] = str(root / "_aligned" / aligned_key(cfg))
+            cfg["align"]["output_dir"] = str(root / SHARED_ALIGNED_DIR / aligned_key(cfg))
         runs.append(cfg)
     return root, runs
 
 
 def run_local(root: Path, runs: list[dict], echo=print) -> list[dict]:
-    from lisa_align.pipeline import Pipeline, config_diff
-
     results = []
     for i, raw in enumerate(runs, 1):
         cfg = validate_config(raw)
-        done = cfg.run_dir / "summary.json"
+        done = cfg.rundir.summary
         diff = config_diff(cfg)
         if diff:  # checked before skipping: a finished run of another config is not this run's result
             raise LisaError(f"{cfg.run_dir} holds a run with a different config ({'; '.join(diff[:5])}); "
@@ -103,7 +132,7 @@ def run_local(root: Path, runs: list[dict], echo=print) -> list[dict]:
         else:
             echo(f"[sweep] {i}/{len(runs)} {cfg.name}")
             Pipeline(cfg, echo=echo).run()
-        results.append({"name": cfg.name, "run_dir": str(cfg.run_dir), "summary": json.loads(done.read_text())})
+        results.append({"name": cfg.name, "run_dir": str(cfg.run_dir), "summary": read_json(done)})
     return results
 
 

@@ -6,13 +6,15 @@ source, the row and the field.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lisa_align.errors import LisaError
 
 SST2_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
 AGNEWS_INSTRUCTION = (
-    "Categorize the news article given in the input into one of the 4 categories:\n\nWorld\nSports\nBusiness\nSci/Tech\n"
+    "Categorize the news article given in the input into one of the 4 categories:"
+    "\n\nWorld\nSports\nBusiness\nSci/Tech\n"
 )
 SST2_LABELS = ("negative", "positive")
 AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lisa_align.errors import LisaError
+
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -36,13 +38,9 @@ def tokenize_example(row: dict[str, Any], tokenizer, max_length: int) -> dict[st
     response_ids = tokenizer(" " + row["output"], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     if eos is None:
-        from lisa_align.errors import LisaError
-
         raise LisaError("tokenizer has no EOS token: set tokenizer.eos_token (model.eos_token in the config)")
     response_ids = response_ids + [eos]
     if len(prompt_ids) >= max_length:
-        from lisa_align.errors import LisaError
-
         raise LisaError(
             f"max_length={max_length} is shorter than the prompt ({len(prompt_ids)} tokens): "
             "raise data.max_length in the config"

@@ -1,8 +1,9 @@
 """A disk cache of tokenised training sets, so that the methods of a run and the runs of a sweep do
 not tokenise the same rows again.
 
-The key is a hash of the rows, the tokenizer's definition, ``max_length`` and the prompt templates; an entry is a ``Dataset.save_to_disk`` folder under ``<cache>/tokenized/<key>``,
-written under a private name and renamed, so a killed run never leaves half an entry and
+The key is a hash of the rows, the tokenizer's definition, ``max_length`` and the prompt templates;
+an entry is a ``Dataset.save_to_disk`` folder under ``<cache>/tokenized/<key>``, written under a
+private name and renamed, so a killed run never leaves half an entry and
 concurrent writers never collide. ``LISA_ALIGN_TOKENIZED_CACHE=0`` turns the cache off.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lisa_align.data import templates
+from lisa_align.io import default_cache_dir
 
 CACHE_VERSION = 1
 
@@ -56,8 +58,6 @@ def tokenize_rows_cached(rows: list[dict[str, Any]], tokenizer, max_length: int,
     if not enabled():
         ds = templates.tokenize_rows(rows, tokenizer, max_length)
         return ds, {"rows": len(rows), "seconds": round(time.time() - t0, 3), "cached": False}
-    from lisa_align.models.tiny import default_cache_dir
-
     root = Path(cache_dir) if cache_dir else default_cache_dir() / "tokenized"
     out = root / cache_key(rows, tokenizer, max_length)
     if (out / "dataset_info.json").is_file():

@@ -27,7 +27,8 @@ def _not_found(kind: str, name: str, err: Exception) -> LisaError:
         return LisaError(f"{kind} path '{name}' does not exist; pass an existing folder saved with save_pretrained "
                          "or a HF id such as meta-llama/Llama-2-7b-hf")
     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-    hint = "the folder has no config.json" if Path(name).exists() else "no such local folder, and the hub cannot provide it"
+    hint = ("the folder has no config.json" if Path(name).exists()
+            else "no such local folder, and the hub cannot provide it")
     return LisaError(f"{kind} '{name}' could not be loaded ({hint}: {first}); "
                      "pass a local folder saved with save_pretrained or a HF id (set HF_TOKEN for gated models)")
 

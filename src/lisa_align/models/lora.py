@@ -1,26 +1,12 @@
-"""LoRA: attach (design.md settings), load a saved adapter, merge into the base weights."""
+"""LoRA: attach (the settings of ``config.LoraSettings``), load a saved adapter, merge into the base weights."""
 
 from __future__ import annotations
 
 import os
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from lisa_align.config import LoraSettings
 from lisa_align.errors import LisaError
-
-
-class LoraSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    r: int = Field(8, gt=0)
-    alpha: float = Field(4, gt=0)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
-
-
-ALIGN_LORA = LoraSettings(r=16, alpha=4, dropout=0.1,
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"])
-FINETUNE_LORA = LoraSettings(r=8, alpha=4, dropout=0.1, target_modules=["q_proj", "v_proj"])
+from lisa_align.models.loading import check_safe_weights
 
 
 def linear_module_names(model) -> list[str]:
@@ -35,7 +21,8 @@ def attach_lora(model, settings: LoraSettings):
     have = linear_module_names(model)
     missing = [t for t in settings.target_modules if t not in have]
     if missing:
-        raise LisaError(f"LoRA target modules {missing} are not in the model; its linear modules are: {', '.join(have)}")
+        raise LisaError(f"LoRA target modules {missing} are not in the model; "
+                        f"its linear modules are: {', '.join(have)}")
     cfg = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                      target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
@@ -58,7 +45,6 @@ def load_adapter(model, path: str, *, is_trainable: bool = False, allow_pickle: 
     only: ``adapter_model.bin`` (pickle) is refused unless ``allow_pickle``."""
     from peft import PeftModel
 
-    from lisa_align.models.loading import check_safe_weights
 
     path = str(path)
     check_safe_weights(path, allow_pickle=allow_pickle)

@@ -1,11 +1,26 @@
-"""Trainers: SFT (plain Trainer + loss reduction) and Lisa / BSO (bi-state with a proximal term)."""
+"""Trainers: the base (plain SFT with loss reduction), Lisa / BSO (bi-state with a proximal term), EWC
+and Vaccine, and the stage runner the pipeline uses. ``SFTTrainer`` and ``TrainArguments`` are the
+old names of ``BaseTrainer`` and ``BaseArguments`` (deprecated; they go in the next release)."""
 
+import warnings
+
+from lisa_align.training.base import BaseArguments, BaseTrainer, per_example_loss
 from lisa_align.training.ewc import EWCArguments, EWCTrainer
 from lisa_align.training.lisa import LisaArguments, LisaConfig, LisaTrainer
 from lisa_align.training.schedule import ALIGNMENT, FINETUNE, BiStateSchedule
-from lisa_align.training.sft import SFTTrainer, TrainArguments, per_example_loss
 from lisa_align.training.vaccine import VaccineArguments, VaccineTrainer, attention_modules
 
-__all__ = ["ALIGNMENT", "EWCArguments", "EWCTrainer", "FINETUNE", "BiStateSchedule", "LisaArguments", "LisaConfig", "LisaTrainer",
-           "SFTTrainer", "TrainArguments", "VaccineArguments", "VaccineTrainer",
-           "attention_modules", "per_example_loss"]
+_DEPRECATED = {"SFTTrainer": "BaseTrainer", "TrainArguments": "BaseArguments"}
+
+__all__ = ["ALIGNMENT", "FINETUNE", "BaseArguments", "BaseTrainer", "BiStateSchedule", "EWCArguments", "EWCTrainer",
+           "LisaArguments", "LisaConfig", "LisaTrainer", "VaccineArguments", "VaccineTrainer", "attention_modules",
+           "per_example_loss"]
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        warnings.warn(f"lisa_align.training.{name} is deprecated: use {new} (same class)", DeprecationWarning,
+                      stacklevel=2)
+        return globals()[new]
+    raise AttributeError(f"module 'lisa_align.training' has no attribute '{name}'")

@@ -1,9 +1,16 @@
-"""SFT: the plain Trainer on the mixed user set, with a choice of loss reduction.
+"""The base of every trainer here: ``transformers.Trainer`` plus what each defense's trainer shares.
 
-``loss_reduction="token"`` is the Hugging Face default (mean over all response tokens of the
-optimizer step). ``"example"`` averages each example's response tokens first, then the examples;
-short labels (a one-word SST2 answer) are then not swamped by long answers, which matters for
-small models (design.md §4).
+- ``loss_reduction``: ``"token"`` is the Hugging Face default (mean over all response tokens of the
+  optimizer step); ``"example"`` averages each example's response tokens first, then the examples,
+  so short labels (a one-word SST2 answer) are not swamped by long answers, which matters for small
+  models (README, "Exact semantics").
+- ``warmup_ratio``: the warm-up as a share of the run's steps (1.0 = all of them).
+- A trainer's own state (Lisa's anchor, EWC's reference and Fisher) saved in every checkpoint and
+  taken back on resume; no checkpoint of non-finite weights; a one-line error on a nan/inf loss.
+- Penalties (Lisa's proximal term, EWC's pull) go to ``.grad`` after backward, or into the loss
+  under DeepSpeed (:meth:`BaseTrainer.penalty_in_loss`, :meth:`BaseTrainer.add_to_loss`).
+
+Used as is, it is plain SFT.
 """
 
 from __future__ import annotations
@@ -39,14 +46,33 @@ def check_nonnegative(name: str, value, hint: str) -> None:
         raise LisaError(f"{name}={value} must be a finite number >= 0 ({hint})")
 
 
+PENALTY_MODES = ("auto", "grad", "loss")
+
+
+def check_penalty_mode(name: str, mode: str) -> None:
+    if mode not in PENALTY_MODES:
+        raise LisaError(f"{name}='{mode}': use one of {', '.join(PENALTY_MODES)}")
+
+
 @dataclass
-class TrainArguments(TrainingArguments):
+class BaseArguments(TrainingArguments):
     loss_reduction: str = field(default="token", metadata={"help": "token | example"})
+    warmup_ratio: float | None = field(default=None, metadata={
+        "help": "warm-up steps as a share of the total (0..1, 1.0 = every step); overrides warmup_steps"})
 
     def __post_init__(self):
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise LisaError(f"loss_reduction='{self.loss_reduction}': use one of {', '.join(LOSS_REDUCTIONS)}")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio <= 1:
+            raise LisaError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1] (a share of the stage's steps)")
         super().__post_init__()
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        """``warmup_ratio`` of the steps when it is set: transformers reads a ``warmup_steps`` of 1.0
+        as one step, so a ratio never goes through ``warmup_steps``."""
+        if self.warmup_ratio is None:
+            return super().get_warmup_steps(num_training_steps)
+        return math.ceil(num_training_steps * self.warmup_ratio)
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -75,8 +101,9 @@ def _state_name(name: str, trainer) -> str:
     return name
 
 
-class SFTTrainer(Trainer):
-    """``transformers.Trainer`` plus ``loss_reduction``; the base of every trainer in lisa-align."""
+class BaseTrainer(Trainer):
+    """``transformers.Trainer`` plus ``loss_reduction``, checkpointed trainer state, the non-finite
+    guards and the penalty plumbing; the base of every trainer in lisa-align (alone: plain SFT)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -147,6 +174,35 @@ class SFTTrainer(Trainer):
         if self._params is None:
             self._params = [p for p in self.model.parameters() if p.requires_grad]
         return self._params
+
+    # ---- penalties: in .grad (fused, after backward) or in the loss (DeepSpeed) ------------------
+    def deepspeed_zero_stage(self) -> int | None:
+        """The DeepSpeed ZeRO stage this trainer runs under, or None without DeepSpeed."""
+        if not getattr(self, "is_deepspeed_enabled", False):
+            return None
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return int(getattr(plugin, "zero_stage", 0) or 0) if plugin is not None else None
+
+    def penalty_in_loss(self, mode: str, what: str) -> bool:
+        """Whether a penalty goes into the loss (``mode`` "loss", or "auto" under DeepSpeed, which keeps
+        gradients in its own buffers so an addition to ``.grad`` would be lost) rather than into
+        ``.grad``. ZeRO-3 is refused: its parameters exist only inside forward/backward."""
+        zero_stage = self.deepspeed_zero_stage()
+        if zero_stage == 3:
+            raise LisaError(f"{what} does not support DeepSpeed ZeRO-3 (its parameters are gathered only inside "
+                            "forward/backward, so the reference weights and the penalty cannot see them): use "
+                            "ZeRO-2, FSDP2 or DDP (configs/accelerate/)")
+        return mode == "loss" or (mode == "auto" and zero_stage is not None)
+
+    def add_to_loss(self, out, term: torch.Tensor, num_items_in_batch, return_outputs: bool):
+        """``compute_loss``'s output with a penalty ``term`` added so that the optimizer step's gradient
+        holds it once: the Trainer divides an unscaled loss by the accumulation steps; a loss it will not
+        divide gets 1/GA here."""
+        loss = out[0] if return_outputs else out
+        scaled = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else (
+            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
+        loss = loss + (term / self.current_gradient_accumulation_steps if scaled else term)
+        return (loss, *out[1:]) if return_outputs else loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         if getattr(self.args, "loss_reduction", "token") != "example":

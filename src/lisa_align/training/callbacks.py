@@ -32,7 +32,8 @@ class JsonlLogCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            append_jsonl(self.path, {**self.extra, "step": state.global_step, "time": round(time.time() - self.t0, 3), **logs})
+            append_jsonl(self.path, {**self.extra, "step": state.global_step,
+                                     "time": round(time.time() - self.t0, 3), **logs})
 
 
 # ---- non-finite loss / weights ------------------------------------------------------------------
@@ -116,9 +117,9 @@ def check_finite_weights(trainer, model=None) -> None:
 
 class NonFiniteGuard(TrainerCallback):
     """Stops training with a one-line LisaError naming ``stage`` and the optimizer step when the logged
-    loss or gradient norm is nan/inf. The per-micro-batch loss is checked by ``SFTTrainer.training_step``
+    loss or gradient norm is nan/inf. The per-micro-batch loss is checked by ``BaseTrainer.training_step``
     (the Trainer logs every ``logging_steps`` only, and its ``logging_nan_inf_filter`` hides a nan loss
-    from the logs); the weights are checked before every checkpoint by ``SFTTrainer._save_checkpoint``."""
+    from the logs); the weights are checked before every checkpoint by ``BaseTrainer._save_checkpoint``."""
 
     def __init__(self, stage: str = "training"):
         self.stage = stage

@@ -1,7 +1,8 @@
 """EWC baseline: a Fisher-weighted L2 pull toward the start-of-fine-tuning trainable weights.
 
 Loss: h(w) + λ · Σ_i F_i (w_i − w0_i)², so the added gradient is 2λ F ⊙ (w − w0) (applied to
-``.grad`` once per optimizer step, like Lisa's proximal term). F is the diagonal empirical Fisher
+``.grad`` once per optimizer step, like Lisa's proximal term; under DeepSpeed, which keeps
+gradients in its own buffers, the term goes into the loss instead: ``ewc_mode``). F is the diagonal empirical Fisher
 of the alignment data at w0: the mean over alignment batches of the squared batch gradient of the
 training loss. w0 and F are taken at the first optimizer step.
 """
@@ -14,20 +15,25 @@ import torch
 from torch.utils.data import DataLoader
 
 from lisa_align.errors import LisaError
+from lisa_align.training.base import BaseArguments, BaseTrainer, check_nonnegative, check_penalty_mode, model_columns
 from lisa_align.training.penalty import add_pull_gradient, grad_scale
-from lisa_align.training.sft import SFTTrainer, TrainArguments, check_nonnegative, model_columns
+
 
 @dataclass
-class EWCArguments(TrainArguments):
+class EWCArguments(BaseArguments):
     ewc_lambda: float = field(default=0.001, metadata={"help": "strength λ of the Fisher-weighted pull"})
     fisher_batches: int | None = field(default=None, metadata={"help": "alignment batches for the Fisher (None: all)"})
+    ewc_mode: str = field(default="auto", metadata={
+        "help": "grad: add 2λF(w − w0) to .grad after backward; loss: add λΣF(w − w0)² to the loss (for "
+                "DeepSpeed); auto: loss under DeepSpeed, else grad"})
 
     def __post_init__(self):
         check_nonnegative("ewc_lambda", self.ewc_lambda, "the reference uses 0.001")
+        check_penalty_mode("ewc_mode", self.ewc_mode)
         super().__post_init__()
 
 
-class EWCTrainer(SFTTrainer):
+class EWCTrainer(BaseTrainer):
     def __init__(self, *args, fisher_dataset=None, **kwargs):
         super().__init__(*args, **kwargs)
         if fisher_dataset is None or len(fisher_dataset) == 0:
@@ -36,6 +42,7 @@ class EWCTrainer(SFTTrainer):
         self.fisher: list[torch.Tensor] | None = None
         self.reference: list[torch.Tensor] | None = None
         self._pull_step = -1
+        self.pull_in_loss = self.penalty_in_loss(self.args.ewc_mode, "EWC")
 
     def compute_fisher(self) -> list[torch.Tensor]:
         """Diagonal empirical Fisher: mean over alignment batches of (∂loss/∂w)²."""
@@ -86,8 +93,22 @@ class EWCTrainer(SFTTrainer):
             self._pull_step = step
         return loss
 
+    def pull_term(self) -> torch.Tensor:
+        """λ Σ F (w − w0)² as a differentiable tensor (the loss mode)."""
+        params = self._trainable()
+        sq = sum((f.float() * (p - r.to(p.dtype)).float() ** 2).sum()
+                 for p, r, f in zip(params, self.reference, self.fisher))
+        return self.args.ewc_lambda * sq
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                   num_items_in_batch=num_items_in_batch, **kwargs)
+        if not (self.pull_in_loss and model.training and self.reference is not None and self.args.ewc_lambda > 0):
+            return out
+        return self.add_to_loss(out, self.pull_term(), num_items_in_batch, return_outputs)
+
     def _apply_pull(self) -> None:
         """grad += 2λ F ⊙ (w − w0): the gradient of λ Σ F (w − w0)²."""
-        if self.args.ewc_lambda > 0:
+        if self.args.ewc_lambda > 0 and not self.pull_in_loss:
             coef = 2.0 * self.args.ewc_lambda * grad_scale(self.accelerator)
             add_pull_gradient(self._trainable(), self.reference, coef, weights=self.fisher)

@@ -1,4 +1,4 @@
-"""LisaTrainer: Bi-State Optimization with a proximal term (design.md §1).
+"""LisaTrainer: Bi-State Optimization with a proximal term (README, "Exact semantics").
 
 Drop-in for ``transformers.Trainer``: pass ``LisaArguments`` and ``alignment_dataset=``.
 
@@ -25,18 +25,18 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader
 
+from lisa_align.defenses.lisa import validate_lisa_settings
 from lisa_align.errors import LisaError
+from lisa_align.rundir import LISA_DRIFT, LISA_STEP
+from lisa_align.training.base import BaseArguments, BaseTrainer, check_penalty_mode, model_columns
 from lisa_align.training.callbacks import local_shard
 from lisa_align.training.penalty import add_pull_gradient, grad_scale, pull_distance
 from lisa_align.training.sampler import BiStateBatchSampler, steps_per_epoch
-from lisa_align.training.schedule import ALIGNMENT, BiStateSchedule, validate_lisa_settings
-from lisa_align.training.sft import SFTTrainer, TrainArguments, model_columns
-
-PROXIMAL_MODES = ("auto", "grad", "loss")
+from lisa_align.training.schedule import ALIGNMENT, BiStateSchedule
 
 
 @dataclass
-class LisaArguments(TrainArguments):
+class LisaArguments(BaseArguments):
     k1: int = field(default=100, metadata={"help": "optimizer steps per alignment phase"})
     k2: int = field(default=900, metadata={"help": "optimizer steps per fine-tuning phase"})
     rho: float = field(default=1.0, metadata={"help": "proximal strength; 0 gives BSO"})
@@ -49,15 +49,14 @@ class LisaArguments(TrainArguments):
 
     def __post_init__(self):
         validate_lisa_settings(self.k1, self.k2, self.rho, self.proximal_warmup_ratio)
-        if self.proximal_mode not in PROXIMAL_MODES:
-            raise LisaError(f"proximal_mode='{self.proximal_mode}': use one of {', '.join(PROXIMAL_MODES)}")
+        check_penalty_mode("proximal_mode", self.proximal_mode)
         super().__post_init__()
 
 
-LisaConfig = LisaArguments  # the name design.md uses
+LisaConfig = LisaArguments  # the name the paper's design notes use
 
 
-class LisaTrainer(SFTTrainer):
+class LisaTrainer(BaseTrainer):
     def __init__(self, *args, alignment_dataset=None, **kwargs):
         super().__init__(*args, **kwargs)
         for name in ("k1", "k2", "rho", "proximal_warmup_ratio"):
@@ -71,13 +70,7 @@ class LisaTrainer(SFTTrainer):
                                 f"{len(alignment_dataset)} rows; lower alignment_rows")
             alignment_dataset = alignment_dataset.select(range(self.args.alignment_rows))
         self.alignment_dataset = alignment_dataset
-        zero_stage = self.deepspeed_zero_stage()
-        if zero_stage == 3:
-            raise LisaError("Lisa does not support DeepSpeed ZeRO-3 (its parameters are gathered only inside "
-                            "forward/backward, so the anchor and the proximal term cannot see them): use ZeRO-2, "
-                            "FSDP2 or DDP (configs/accelerate/)")
-        mode = self.args.proximal_mode
-        self.proximal_in_loss = mode == "loss" or (mode == "auto" and zero_stage is not None)
+        self.proximal_in_loss = self.penalty_in_loss(self.args.proximal_mode, "Lisa")
         self.schedule: BiStateSchedule | None = None
         self._anchor: list[torch.Tensor] | None = None
         self._begun_step = -1
@@ -144,9 +137,10 @@ class LisaTrainer(SFTTrainer):
     def restore_trainer_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         sch = self.schedule
         if (meta.get("k1"), meta.get("k2"), meta.get("total_steps")) != (sch.k1, sch.k2, sch.total_steps):
-            raise LisaError(f"the checkpoint {self._resume_dir} was written with K1/K2={meta.get('k1')}/{meta.get('k2')} "
-                            f"over {meta.get('total_steps')} steps, this run has {sch.k1}/{sch.k2} over "
-                            f"{sch.total_steps}: resume with the same settings, or start in a new output folder")
+            raise LisaError(f"the checkpoint {self._resume_dir} was written with "
+                            f"K1/K2={meta.get('k1')}/{meta.get('k2')} over {meta.get('total_steps')} steps, "
+                            f"this run has {sch.k1}/{sch.k2} over {sch.total_steps}: resume with the same settings, "
+                            "or start in a new output folder")
         params = self._trainable()
         if len(tensors) != len(params):
             raise LisaError(f"the checkpoint {self._resume_dir} holds {len(tensors)} anchor tensors for "
@@ -165,8 +159,8 @@ class LisaTrainer(SFTTrainer):
         if step > 0 and self.schedule.is_switch(step):
             drift = self.drift()
             rho = self.args.rho
-            record = {"lisa/step": step, "lisa/state": self.schedule.state(step),
-                      "lisa/from_state": self.schedule.state(step - 1), "lisa/drift": drift,
+            record = {LISA_STEP: step, "lisa/state": self.schedule.state(step),
+                      "lisa/from_state": self.schedule.state(step - 1), LISA_DRIFT: drift,
                       "lisa/proximal_term": 0.5 * rho * drift ** 2, "lisa/proximal_grad_norm": rho * drift}
             self.switch_log.append(record)
             self.log({k: v for k, v in record.items() if not isinstance(v, str)}
@@ -177,13 +171,6 @@ class LisaTrainer(SFTTrainer):
 
     def proximal_active(self, step: int) -> bool:
         return self.args.rho > 0 and self.schedule.proximal_active(step, self.args.proximal_warmup_ratio)
-
-    def deepspeed_zero_stage(self) -> int | None:
-        """The DeepSpeed ZeRO stage this trainer runs under, or None without DeepSpeed."""
-        if not getattr(self, "is_deepspeed_enabled", False):
-            return None
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        return int(getattr(plugin, "zero_stage", 0) or 0) if plugin is not None else None
 
     def _apply_proximal(self, step: int) -> None:
         if self.proximal_in_loss or not self.proximal_active(step):
@@ -201,14 +188,7 @@ class LisaTrainer(SFTTrainer):
                                    num_items_in_batch=num_items_in_batch, **kwargs)
         if not (self.proximal_in_loss and model.training and self.proximal_active(self.state.global_step)):
             return out
-        loss = out[0] if return_outputs else out
-        # Added to every micro-batch's loss: the Trainer divides an unscaled loss by the accumulation
-        # steps, so the step's gradient holds the term once; a loss it will not divide gets 1/GA here.
-        scaled = self.loss_is_scaled_for_ga if self.loss_is_scaled_for_ga is not None else (
-            (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
-        term = self.proximal_term()
-        loss = loss + (term / self.current_gradient_accumulation_steps if scaled else term)
-        return (loss, *out[1:]) if return_outputs else loss
+        return self.add_to_loss(out, self.proximal_term(), num_items_in_batch, return_outputs)
 
     def training_step(self, model, inputs, num_items_in_batch=None, **kwargs):
         step = self.state.global_step
@@ -225,7 +205,7 @@ class LisaTrainer(SFTTrainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Training-loss records also carry the drift ‖w − anchor‖ and the state (the drift curve)."""
         if "loss" in logs and self._anchor is not None and self.schedule is not None:
-            logs = {**logs, "lisa/drift": self.drift(),
+            logs = {**logs, LISA_DRIFT: self.drift(),
                     "lisa/state_is_alignment":  # the state of the step just taken
                     float(self.schedule.state(max(self.state.global_step - 1, 0)) == ALIGNMENT)}
         super().log(logs, *args, **kwargs)

@@ -1,4 +1,4 @@
-"""The Bi-State schedule of Lisa (design.md §1): which state each optimizer step is in.
+"""The Bi-State schedule of Lisa (README, "Exact semantics"): which state each optimizer step is in.
 
 Steps are 0-based optimizer-step indices (``trainer.state.global_step`` before the update).
 Training starts in the alignment state and alternates K1 alignment steps with K2 fine-tuning
@@ -14,24 +14,11 @@ from __future__ import annotations
 import math
 from functools import cached_property
 
+from lisa_align.defenses.lisa import validate_lisa_settings
 from lisa_align.errors import LisaError
 
 ALIGNMENT = "alignment"
 FINETUNE = "finetune"
-
-
-def validate_lisa_settings(k1: int, k2: int, rho: float, proximal_warmup_ratio: float = 0.1) -> None:
-    """One-line errors for impossible settings."""
-    for name, v in (("K1", k1), ("K2", k2)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise LisaError(f"{name}={v} must be a whole number >= 0 (steps in the "
-                            f"{'alignment' if name == 'K1' else 'fine-tuning'} state)")
-    if k1 == 0 and k2 == 0:
-        raise LisaError("K1 = K2 = 0 leaves no steps in either state: set K1 > 0 or K2 > 0 (the paper uses 100 / 900)")
-    if not isinstance(rho, (int, float)) or math.isnan(rho) or math.isinf(rho) or rho < 0:
-        raise LisaError(f"rho={rho} must be a finite number >= 0 (0 gives BSO, the paper uses 1)")
-    if not 0.0 <= proximal_warmup_ratio <= 1.0:
-        raise LisaError(f"proximal_warmup_ratio={proximal_warmup_ratio} must be in [0, 1] (the reference uses 0.1)")
 
 
 class BiStateSchedule:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lisa_align.errors import LisaError
-from lisa_align.training.sft import SFTTrainer, TrainArguments, check_nonnegative
+from lisa_align.training.base import BaseArguments, BaseTrainer, check_nonnegative
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
@@ -41,7 +41,7 @@ def _replace_first(output, value):
 
 
 @dataclass
-class VaccineArguments(TrainArguments):
+class VaccineArguments(BaseArguments):
     vaccine_rho: float = field(default=2.0, metadata={"help": "perturbation norm (Vaccine) or variance (random)"})
     vaccine_random: bool = field(default=False, metadata={"help": "RandomVaccine: Gaussian perturbation"})
 
@@ -50,7 +50,7 @@ class VaccineArguments(TrainArguments):
         super().__post_init__()
 
 
-class VaccineTrainer(SFTTrainer):
+class VaccineTrainer(BaseTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.last_perturbation: list[torch.Tensor] | None = None

@@ -1,0 +1,139 @@
+"""The defense contract: every registered defense, run by the pipeline on the micro config,
+
+- trains (its stage's weights move away from the model it starts from),
+- writes its artifacts (the adapter or aligned model, and the files it declares),
+- ends a run killed after a mid-stage checkpoint and resumed with the same weights as a straight run,
+- and reports its bad settings with one line (``lisa run`` exits 2, naming the setting).
+
+Adding a defense adds one entry to ``CONTRACT``; a registered defense without one fails
+``test_every_registered_defense_has_a_contract_entry``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lisa_align.cli import main
+from lisa_align.config import validate_config
+from lisa_align.defenses import DEFENSES
+from lisa_align.pipeline import Pipeline
+from lisa_align.rundir import EVENT_RESUME
+from lisa_align.training.base import BaseTrainer
+
+
+@dataclass
+class Case:
+    settings: dict = field(default_factory=dict)  # the defense's entry (beside its name)
+    bad: dict = field(default_factory=dict)  # settings that must be refused ...
+    error: str = ""  # ... with this fragment in the one-line error
+    changes: dict = field(default_factory=dict)  # micro config changes the defense needs
+
+
+# Lisa (rho=20) and EWC (lambda=1e6) are set strong enough that a resume which lost their checkpointed
+# state (the anchor; w0 and the Fisher) ends measurably elsewhere: the resume check would fail.
+CONTRACT = {
+    "na_sft": Case(bad={"k1": 3}, error="'k1' is not a setting of na_sft"),
+    "sft": Case(bad={"rho": 1.0}, error="'rho' is not a setting of sft"),
+    "ewc": Case({"ewc_lambda": 1e6}, bad={"ewc_lambda": -1}, error="ewc_lambda"),
+    "vlguard": Case({"alignment_rows": 8}, bad={"alignment_rows": 99},
+                    error="alignment_rows=99 but the alignment data has 16 rows"),
+    "bso": Case(bad={"rho": 1.0}, error="bso is Lisa with rho=0"),
+    "lisa": Case({"rho": 20.0}, bad={"rho": -1.0}, error="rho=-1.0 must be a finite number >= 0"),
+    "vaccine": Case({"rho": 0.5}, bad={"rho": -1.0}, error="rho"),
+    "random_vaccine": Case({"rho": 0.5}, bad={"rho": float("nan")}, error="rho"),
+}
+
+
+class Killed(Exception):
+    """Stands for a process killed right after a checkpoint was written."""
+
+
+def test_every_registered_defense_has_a_contract_entry():
+    assert set(CONTRACT) == set(DEFENSES)
+
+
+def _stage(name: str) -> str:
+    """The stage the contract runs a defense in (fine-tuning when it can run there)."""
+    return "finetune" if "finetune" in DEFENSES[name].stages else DEFENSES[name].stages[0]
+
+
+def _config(micro, name: str, settings: dict, run: str = "micro", **changes) -> dict:
+    entry = {"name": name, **settings}
+    if _stage(name) == "finetune":
+        changes = {"finetune.methods": [entry], **changes}
+    else:
+        changes = {"align.method": entry, "finetune.methods": [], **changes}
+    return micro(**{"name": run, "eval.models": [], **changes})
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def _output(cfg, name: str):
+    return cfg.rundir.adapter(cfg.finetune.methods[0].key) if _stage(name) == "finetune" else cfg.rundir.aligned
+
+
+@pytest.mark.parametrize("name", list(CONTRACT))
+def test_trains_writes_its_artifacts_and_resumes_exactly(micro, name, monkeypatch):
+    case = CONTRACT[name]
+    straight = validate_config(_config(micro, name, case.settings, run="straight", **case.changes))
+    pipe = Pipeline(straight, echo=lambda *_: None)
+    pipe.run()
+    out = _output(straight, name)
+    trained = _weights(out)
+    start = pipe.ensure_start_model(straight.finetune.methods[0]) if _stage(name) == "finetune" else pipe.ensure_base()
+    before = _weights(Path(start))
+    moved = max((trained[k].float() - before[k].float()).abs().max().item() for k in trained if k in before)
+    assert moved > 1e-4, "the defense did not train"
+    if _stage(name) == "finetune":
+        method = straight.finetune.resolved()[0]
+        for artifact in DEFENSES[name].artifacts:
+            assert straight.rundir.artifact(method.key, artifact).is_file(), artifact
+        assert straight.rundir.trainer(method.key).is_dir()
+
+    # the same run, killed right after its first checkpoint, then re-run
+    killed = validate_config(_config(micro, name, case.settings, run="killed", **case.changes))
+    saves, real_save = [], BaseTrainer._save_checkpoint
+    kill_at = 1  # fine-tuning: step 3 of 12, between the Lisa switches at 2 and 6 (its anchor is not the weights)
+
+    stage_dir = str(killed.rundir.trainer(killed.finetune.methods[0].key) if _stage(name) == "finetune"
+                    else killed.rundir.path / ".aligned.trainer")
+
+    def save_then_die(self, model, trial):
+        real_save(self, model, trial)
+        if self.args.output_dir == stage_dir:  # the defense's own stage (not the alignment before it)
+            saves.append(self.state.global_step)
+            if len(saves) == kill_at:
+                raise Killed
+
+    monkeypatch.setattr(BaseTrainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        Pipeline(killed, echo=lambda *_: None).run()
+    assert not _output(killed, name).exists()
+    monkeypatch.setattr(BaseTrainer, "_save_checkpoint", real_save)
+    Pipeline(killed, echo=lambda *_: None).run()
+    resumed = [r for r in killed.rundir.log_records() if r.get("event") == EVENT_RESUME]
+    assert [(r["stage"], r["checkpoint"]) for r in resumed] == [(
+        f"finetune/{killed.finetune.methods[0].key}" if _stage(name) == "finetune" else "align",
+        f"{stage_dir}/checkpoint-{saves[-1]}")]
+    again = _weights(_output(killed, name))
+    assert trained.keys() == again.keys()
+    assert max((trained[k] - again[k]).abs().max().item() for k in trained) <= 1e-6
+
+
+@pytest.mark.parametrize("name", list(CONTRACT))
+def test_bad_settings_are_one_line(micro, name, tmp_path, capsys):
+    case = CONTRACT[name]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_config(micro, name, {**case.settings, **case.bad}, **case.changes)))
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("lisa: error: "), err
+    assert case.error in err
