@@ -30,35 +30,35 @@ def main(argv=None) -> int:
     torch.use_deterministic_algorithms(True)
 
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM, set_seed
+    from transformers import set_seed
 
-    from lisa_align.config import LisaSettings, StageSettings
-    from lisa_align.data.synthetic import generate
+    from lisa_align.config import LoraSettings, StageSettings
     from lisa_align.data.formats import format_rows
-    from lisa_align.models.lora import LoraSettings
+    from lisa_align.data.synthetic import generate
+    from lisa_align.defenses import SFT, Lisa
     from lisa_align.models.tiny import build_tokenizer
     from lisa_align.training.run import train_stage
 
+    from conftest import tiny_llama  # sys.path[0] is this script's folder, tests/
+
     set_seed(0)
     tok = build_tokenizer(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                         eos_token_id=tok.eos_token_id))
+    model = tiny_llama(len(tok), seed=None, hidden_size=32, intermediate_size=64, max_position_embeddings=256,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     user = format_rows(list(generate("sst2", "train", seed=0, size=64))[:24], "sst2", "sst2")
     align = format_rows([r for r in generate("beavertails", "30k_train", seed=0, size=80) if r["is_safe"]][:16],
                         "beavertails", "beavertails")
     stage = StageSettings(lr=1e-2, epochs=3, batch_size=4, grad_accum=args.grad_accum, scheduler="linear",
                           warmup_ratio=0.0, weight_decay=0.0, logging_steps=1, loss_reduction="example",
                           lora=LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    lisa = LisaSettings(k1=1, k2=2, rho=5.0, proximal_warmup_ratio=0.0) if args.method == "lisa" else None
+    lisa = Lisa(k1=1, k2=2, rho=5.0, proximal_warmup_ratio=0.0) if args.method == "lisa" else None
     out = Path(args.out)
     trained = {}
 
+    from lisa_align.training import base as base_mod
     from lisa_align.training import lisa as lisa_mod
-    from lisa_align.training import sft as sft_mod
 
-    base = lisa_mod.LisaTrainer if lisa else sft_mod.SFTTrainer
+    base = lisa_mod.LisaTrainer if lisa else base_mod.BaseTrainer
     orig_step = base.training_step
 
     def recording_step(self, model, inputs, *a, **k):  # which rows each rank trains on, per step
@@ -68,8 +68,8 @@ def main(argv=None) -> int:
         return orig_step(self, model, inputs, *a, **k)
 
     base.training_step = recording_step
-    model, trainer = train_stage(model, tok, user, stage, out / "trainer", seed=0, max_length=128, lisa=lisa,
-                                 alignment_rows=align if lisa else None, use_cpu=True, resume=False,
+    model, trainer = train_stage(model, tok, user, stage, out / "trainer", seed=0, max_length=128,
+                                 defense=lisa or SFT(), data={"alignment": align}, use_cpu=True, resume=False,
                                  save_checkpoints=False)
     rank = trainer.args.process_index
     info = {"world_size": trainer.args.world_size, "max_steps": trainer.state.max_steps, "trained": trained}

@@ -17,18 +17,18 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     from lisa_align.cli import main as lisa_main
-    from lisa_align.training.sft import SFTTrainer
+    from lisa_align.training.base import BaseTrainer
 
     if len(argv) == 3:
         method, step = argv[1], int(argv[2])
-        save = SFTTrainer._save_checkpoint
+        save = BaseTrainer._save_checkpoint
 
         def save_then_die(self, model, trial):
             save(self, model, trial)
             if self.state.global_step == step and self.args.output_dir.endswith(f"finetune/{method}/trainer"):
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        SFTTrainer._save_checkpoint = save_then_die
+        BaseTrainer._save_checkpoint = save_then_die
     return lisa_main(["run", argv[0]])
 
 

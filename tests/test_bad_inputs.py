@@ -20,6 +20,8 @@ from lisa_align.data.mixing import mix_harmful
 from lisa_align.data.sources import SourceSpec, load_rows
 from lisa_align.errors import LisaError
 
+from conftest import tiny_llama, word_tokenizer
+
 
 def check(err: LisaError | pytest.ExceptionInfo, *parts: str) -> str:
     """The message is one line and contains every part (case-insensitive)."""
@@ -261,7 +263,7 @@ def test_bad_lisa_settings(lisa, parts):
 def test_unknown_method_suggests_closest():
     with pytest.raises(LisaError) as e:
         validate_config({"finetune": {"methods": ["sft", "lisaa"]}}, "cfg.yaml")
-    check(e, "cfg.yaml", "finetune.methods", "unknown method 'lisaa'", "sft, bso, lisa", "did you mean 'lisa'")
+    check(e, "cfg.yaml", "finetune.methods", "unknown method 'lisaa'", "ewc, vlguard, bso, lisa", "did you mean 'lisa'")
 
 
 @pytest.mark.parametrize("raw,key,guess", [
@@ -334,14 +336,9 @@ def test_model_path_does_not_exist():
 
 
 def test_lora_targets_not_in_model():
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from lisa_align.models.lora import LoraSettings, attach_lora
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    model = tiny_llama(32)
     with pytest.raises(LisaError) as e:
         attach_lora(model, LoraSettings(target_modules=["q_proj", "query_key_value", "c_attn"]))
     msg = check(e, "['query_key_value', 'c_attn']", "not in the model",
@@ -350,16 +347,10 @@ def test_lora_targets_not_in_model():
 
 
 def test_max_length_shorter_than_prompt():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from lisa_align.data.templates import format_prompt, tokenize_example
 
     row = {"instruction": "say hi", "input": "", "output": "hi"}
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([format_prompt("say hi"), "hi"], trainer=trainers.WordLevelTrainer(special_tokens=["<unk>", "</s>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    tokenizer = word_tokenizer(train_on=[format_prompt("say hi"), "hi"], specials=["<unk>", "</s>"], eos_token="</s>")
     with pytest.raises(LisaError) as e:
         tokenize_example(row, tokenizer, max_length=8)
     check(e, "max_length=8", "shorter than the prompt", "raise data.max_length")
@@ -376,12 +367,12 @@ def cli(tmp_path, monkeypatch, capsys):
     """Run ``lisa`` and return its one error line; fail if a model would be built or anything cached."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("LISA_ALIGN_CACHE", str(cache))
-    import lisa_align.models.tiny as tiny
+    import lisa_align.pipeline
 
     def no_model(*a, **k):
         raise AssertionError("a model was built: the error must come from config/data validation")
 
-    monkeypatch.setattr(tiny, "build_tiny_base", no_model)
+    monkeypatch.setattr(lisa_align.pipeline, "ensure_tiny_base", no_model)
 
     def run(argv: list[str]) -> str:
         rc = main(argv)
@@ -488,16 +479,9 @@ def test_cli_demo_validates_data_before_building_the_model(tmp_path, cli):
 # Tokenizers: no EOS is refused; no pad token gets one (the reference's [PAD])
 # ---------------------------------------------------------------------------------------------
 def _word_tokenizer(words=("yes", "no"), **special):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from lisa_align.data.templates import PROMPT_NO_INPUT
 
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([PROMPT_NO_INPUT, "say", *words],
-                            trainer=trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "</s>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **special)
+    return word_tokenizer(train_on=[PROMPT_NO_INPUT, "say", *words], specials=["<unk>", "<pad>", "</s>"], **special)
 
 
 def test_tokenizer_without_eos(tmp_path):
@@ -516,7 +500,6 @@ def test_tokenizer_without_eos(tmp_path):
 
 def test_tokenizer_without_pad_gets_one():
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from lisa_align.models.loading import DEFAULT_PAD_TOKEN, ensure_pad_token
 
@@ -524,9 +507,7 @@ def test_tokenizer_without_pad_gets_one():
     tokenizer.pad_token = None
     assert tokenizer.pad_token is None
     n = len(tokenizer)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=n, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    model = tiny_llama(n)
     assert ensure_pad_token(model, tokenizer) is True
     assert tokenizer.pad_token == DEFAULT_PAD_TOKEN and model.config.pad_token_id == tokenizer.pad_token_id
     emb = model.get_input_embeddings().weight
@@ -576,19 +557,14 @@ WORDS = ("yes", "no", "maybe", "ok")
 def micro_stage(tmp_path, monkeypatch):
     """A tiny Llama, a word tokenizer and 16 rows: ``train(stage_changes, log_tag, ...)`` runs
     ``train_stage`` on them for 8 steps (batch 2), a checkpoint every 2 steps, into tmp/trainer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lisa_align.config import LisaSettings, StageSettings
+    from lisa_align.config import StageSettings
+    from lisa_align.defenses import SFT, Lisa
     from lisa_align.training.run import train_stage
 
     monkeypatch.setenv("LISA_ALIGN_CACHE", str(tmp_path / "cache"))
     tokenizer = _word_tokenizer(WORDS, pad_token="<pad>", eos_token="</s>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None))
+    model = tiny_llama(len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                       bos_token_id=None)
     rows = [{"instruction": f"say {w}", "input": "", "output": w} for w in WORDS * 4]
     out = tmp_path / "trainer"
 
@@ -596,8 +572,8 @@ def micro_stage(tmp_path, monkeypatch):
         stage = StageSettings(**{"lr": 1e-3, "max_steps": 8, "batch_size": 2, "lora": None, "scheduler": "constant",
                                  "warmup_ratio": 0.0, "logging_steps": 1, **changes})
         return train_stage(model, tokenizer, rows, stage, out, seed=0, max_length=64, use_cpu=True,
-                           lisa=LisaSettings(k1=2, k2=2, rho=1.0, proximal_warmup_ratio=0.0) if lisa else None,
-                           alignment_rows=rows[:4] if lisa else None, log_path=tmp_path / "log.jsonl",
+                           defense=Lisa(k1=2, k2=2, rho=1.0, proximal_warmup_ratio=0.0) if lisa else SFT(),
+                           data={"alignment": rows[:4]}, log_path=tmp_path / "log.jsonl",
                            log_tag=log_tag)
 
     train.model, train.out = model, out
@@ -675,12 +651,10 @@ def test_nonfinite_logged_loss_or_grad_norm_stops_training(tmp_path):
         check(e, "finetune/bso", what, "at step 12", "no checkpoint was saved")
 
 
-def test_cli_nan_training_is_one_line_and_keeps_finished_stages(tmp_path, monkeypatch, capsys):
-    from test_pipeline import micro
-
+def test_cli_nan_training_is_one_line_and_keeps_finished_stages(tmp_path, monkeypatch, capsys, micro):
     monkeypatch.setenv("LISA_ALIGN_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "micro.yaml"
-    path.write_text(yaml.safe_dump(micro(tmp_path, **{"finetune.methods": ["sft"], "eval.models": ["base"]})))
+    path.write_text(yaml.safe_dump(micro(**{"finetune.methods": ["sft"], "eval.models": ["base"]})))
     assert main(["run", str(path), "finetune.lr=1e30"]) == 2
     out, err = capsys.readouterr()
     assert err.startswith("lisa: error: finetune/sft: the ") and err.count("\n") == 1, err
@@ -745,16 +719,13 @@ def test_other_save_errors_are_not_called_disk_full(micro_stage, monkeypatch):
 
 
 def test_disk_full_while_saving_a_stage_output(tmp_path, monkeypatch):
-    """_save_atomically: the temporary copy is removed, the previous output is intact."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lisa_align.pipeline import _save_atomically
+    """save_atomically: the temporary copy is removed, the previous output is intact."""
+    from lisa_align.pipeline import save_atomically
 
     tokenizer = _word_tokenizer(pad_token="<pad>", eos_token="</s>")
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    model = tiny_llama(len(tokenizer), seed=None)
     out = tmp_path / "finetune" / "sft" / "adapter"
-    _save_atomically(out, model, tokenizer)
+    save_atomically(out, model, tokenizer)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     real = model.save_pretrained
 
@@ -764,31 +735,29 @@ def test_disk_full_while_saving_a_stage_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(model, "save_pretrained", half_then_full)
     with pytest.raises(LisaError) as e:
-        _save_atomically(out, model, tokenizer)
+        save_atomically(out, model, tokenizer)
     check(e, f"no space left on device while saving {out}", "half-written copy was removed",
           "the previous adapter/ is intact", "checkpoints are kept")
     assert sorted(p.name for p in out.parent.iterdir()) == ["adapter"]  # no .adapter.tmp
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # nothing there before: nothing is left behind
     with pytest.raises(LisaError) as e:
-        _save_atomically(tmp_path / "aligned", model, tokenizer)
+        save_atomically(tmp_path / "aligned", model, tokenizer)
     check(e, "nothing was written to")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["finetune"]
 
 
 def test_stage_output_with_nan_weights_is_not_saved(tmp_path):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lisa_align.pipeline import _save_atomically
+    from lisa_align.pipeline import save_atomically
 
     tokenizer = _word_tokenizer(pad_token="<pad>", eos_token="</s>")
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    model = tiny_llama(len(tokenizer), seed=None)
     with torch.no_grad():
         model.lm_head.weight[3, 2] = math.nan
     with pytest.raises(LisaError) as e:
-        _save_atomically(tmp_path / "adapter", model, tokenizer)
+        save_atomically(tmp_path / "adapter", model, tokenizer)
     check(e, str(tmp_path / "adapter"), "nan", "lm_head.weight", "not saved")
     assert list(tmp_path.iterdir()) == []
 

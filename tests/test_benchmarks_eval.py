@@ -8,9 +8,8 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from conftest import tiny_llama, word_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_throughput.py"
 SPECIALS = ["[UNK]", "[PAD]", "</s>"]
@@ -34,18 +33,13 @@ def bench():
 @pytest.fixture(scope="module")
 def micro_model(tmp_path_factory) -> Path:
     """A randomly initialised tiny Llama and a word-level tokenizer, saved with save_pretrained."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(set(WORDS)))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-                      initializer_range=0.2)  # decisive logits: no near-ties for float noise to flip
-    torch.manual_seed(0)
+    tokenizer = word_tokenizer(SPECIALS + sorted(set(WORDS)), unk_token="[UNK]", lowercase=True, pad_token="[PAD]",
+                               eos_token="</s>")
     out = tmp_path_factory.mktemp("micro") / "model"
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    tiny_llama(len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+               eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+               initializer_range=0.2).save_pretrained(out)  # decisive logits: no near-ties for float noise to flip
     tokenizer.save_pretrained(out)
     return out
 

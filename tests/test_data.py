@@ -12,7 +12,6 @@ from collections import Counter
 
 import datasets
 import pytest
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from lisa_align.data import (
@@ -34,7 +33,9 @@ from lisa_align.data.synthetic import generate, synthetic_names
 from lisa_align.errors import LisaError
 from lisa_align.evaluation.judges import is_refusal
 
-# The literal strings of design.md §1 (not built from the package's constants).
+from conftest import word_tokenizer
+
+# The literal strings of docs/design.md §1 (not built from the package's constants).
 DESIGN_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
@@ -85,13 +86,8 @@ ROWS = [
 def tokenizer():
     """Word-level tokenizer that prepends <s> to every encoded text (so BOS must sit in the prompt)."""
     texts = [format_prompt(r["instruction"], r["input"] or None) for r in ROWS] + [r["output"] for r in ROWS]
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, trainer=trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "<s>", "</s>"]))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>")
+    return word_tokenizer(train_on=texts, specials=["<unk>", "<pad>", "<s>", "</s>"], lowercase=True, prepend="<s>",
+                          pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
 @pytest.mark.parametrize("row", ROWS, ids=["no-input", "with-input"])

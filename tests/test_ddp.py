@@ -77,17 +77,15 @@ def test_user_and_alignment_batches_are_sharded_per_rank(runs):
         assert not by_state["alignment"] & by_state["finetune"]
 
 
-def test_lisa_run_under_accelerate_launch_equals_one_process(tmp_path):
+def test_lisa_run_under_accelerate_launch_equals_one_process(tmp_path, micro):
     """The whole pipeline, unchanged, on 2 processes: every process trains, the main one saves and
     evaluates once; the weights equal a 1-process run with the same global batch."""
     import yaml
 
-    from test_pipeline import micro
-
     cache = tmp_path / "cache"
     paths = {}
     for name, ga in (("one", 2), ("two", 1)):
-        cfg = micro(tmp_path, name=name, use_cpu=True, **{
+        cfg = micro(name=name, use_cpu=True, **{
             "finetune.methods": ["sft", "lisa"], "eval.models": ["methods"], "align.batch_size": 4,
             "align.grad_accum": ga, "finetune.batch_size": 2, "finetune.grad_accum": ga})
         paths[name] = tmp_path / f"{name}.yaml"

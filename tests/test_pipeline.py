@@ -12,46 +12,9 @@ from lisa_align.cli import main, preset_path
 from lisa_align.config import validate_config
 from lisa_align.pipeline import Pipeline
 
-MICRO = {
-    "name": "micro",
-    "seed": 0,
-    "model": {"name": "tiny", "tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
-                                       "pretrain_rows": 64, "epochs": 1, "batch_size": 16}},
-    "data": {"task": "sst2", "max_length": 128, "n": 24, "p": 0.25,
-             "user": {"source": "synthetic:sst2", "split": "train", "size": 100},
-             "harmful": {"source": "synthetic:beavertails", "split": "30k_train", "filter": "unsafe", "size": 100},
-             "alignment": [{"source": "synthetic:beavertails", "split": "30k_train", "filter": "safe", "n": 16,
-                            "size": 100}]},
-    "align": {"lora": None, "lr": 1e-3, "epochs": 1, "batch_size": 8, "loss_reduction": "example"},
-    "finetune": {"lora": None, "lr": 1e-3, "epochs": 2, "batch_size": 4, "loss_reduction": "example",
-                 "methods": ["sft", "bso", "lisa"], "lisa": {"k1": 2, "k2": 4, "rho": 1.0}},
-    "eval": {"judge": "refusal", "batch_size": 8, "max_new_tokens_harmful": 6, "max_new_tokens_task": 3,
-             "max_new_tokens_benign": 6, "models": ["base", "aligned", "methods"],
-             "harmful": {"source": "synthetic:beavertails", "split": "30k_test", "n": 6, "seed": 7},
-             "task": {"source": "synthetic:sst2", "split": "validation", "n": 6, "seed": 7},
-             "benign": {"source": "synthetic:alpaca", "split": "eval", "n": 4, "seed": 7}},
-}
 
-
-@pytest.fixture(autouse=True)
-def _env(tmp_path, monkeypatch):
-    monkeypatch.setenv("LISA_ALIGN_CACHE", str(tmp_path / "cache"))
-
-
-def micro(tmp_path, **changes) -> dict:
-    cfg = json.loads(json.dumps(MICRO))
-    cfg["output_dir"] = str(tmp_path / "runs")
-    for dotted, value in changes.items():
-        node = cfg
-        *path, last = dotted.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return cfg
-
-
-def test_micro_pipeline_end_to_end_and_reuse(tmp_path):
-    cfg = validate_config(micro(tmp_path))
+def test_micro_pipeline_end_to_end_and_reuse(micro):
+    cfg = validate_config(micro())
     summary = Pipeline(cfg, echo=lambda *_: None).run()
     run = cfg.run_dir
     assert set(summary) == {"base", "aligned", "sft", "bso", "lisa"}
@@ -86,11 +49,11 @@ def test_micro_pipeline_end_to_end_and_reuse(tmp_path):
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
 
 
-def test_micro_pipeline_lora_adapters(tmp_path):
+def test_micro_pipeline_lora_adapters(micro):
     lora_align = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "up_proj"]}
     lora_ft = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
-    cfg = validate_config(micro(tmp_path, **{"align.lora": lora_align, "finetune.lora": lora_ft,
-                                             "finetune.methods": ["lisa"], "eval.models": ["methods"]}))
+    cfg = validate_config(micro(**{"align.lora": lora_align, "finetune.lora": lora_ft,
+                                   "finetune.methods": ["lisa"], "eval.models": ["methods"]}))
     Pipeline(cfg, echo=lambda *_: None).run()
     run = cfg.run_dir
     # the alignment LoRA is merged: a plain model without adapter weights
@@ -106,55 +69,55 @@ def test_micro_pipeline_lora_adapters(tmp_path):
     assert (run / "eval" / "lisa" / "metrics.json").exists()
 
 
-def test_run_dir_with_different_config_is_refused(tmp_path, capsys):
+def test_run_dir_with_different_config_is_refused(tmp_path, capsys, micro):
     path = tmp_path / "micro.yaml"
-    path.write_text(yaml.safe_dump(micro(tmp_path, **{"eval.models": ["base"]})))
+    path.write_text(yaml.safe_dump(micro(**{"eval.models": ["base"]})))
     assert main(["run", str(path)]) == 0
     assert main(["run", str(path), "data.p=0.5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lisa: error:") and "\n" not in err and "data.p: 0.25 -> 0.5" in err and "--force" in err
 
 
-def test_demo_preset_is_valid_and_cli_prints_summary_path(tmp_path, capsys):
+def test_demo_preset_is_valid_and_cli_prints_summary_path(tmp_path, capsys, micro):
     cfg = yaml.safe_load(preset_path("demo").read_text())
     assert cfg["finetune"]["methods"] == ["sft", "bso", "lisa"]
     path = tmp_path / "micro.yaml"
-    path.write_text(yaml.safe_dump(micro(tmp_path, **{"finetune.methods": ["sft"], "eval.models": ["methods"]})))
+    path.write_text(yaml.safe_dump(micro(**{"finetune.methods": ["sft"], "eval.models": ["methods"]})))
     assert main(["run", str(path)]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.endswith("summary.json") and os.path.exists(last)
     assert set(json.loads(open(last).read())["sft"]) == {"hs", "fa", "over_refusal"}
 
 
-def test_na_sft_starts_from_base_and_vlguard_mixes_alignment_rows(tmp_path):
+def test_na_sft_starts_from_base_and_vlguard_mixes_alignment_rows(micro):
     methods = ["na_sft", {"name": "vlguard", "alignment_rows": 8}]
-    cfg = validate_config(micro(tmp_path, **{"finetune.methods": methods, "eval.models": ["methods"]}))
+    cfg = validate_config(micro(**{"finetune.methods": methods, "eval.models": ["methods"]}))
     said: list[str] = []
     pipe = Pipeline(cfg, echo=said.append)
     loaded: list[str] = []
     real_load = pipe._load
     pipe._load = lambda path: (loaded.append(str(path)), real_load(path))[1]
     pipe.run()
-    base, aligned = pipe.base_path(), pipe.aligned_path()
+    base, aligned = pipe.ensure_base(), pipe.ensure_aligned()
     # na_sft trains from the unaligned base; then the align stage loads the base; vlguard trains from aligned
     assert loaded[:3] == [base, base, aligned]
     assert any("finetune na_sft: 24 rows" in s and "unaligned base" in s for s in said)
     assert any("finetune vlguard: 32 rows (n=24" in s for s in said)  # 24 user rows + 8 alignment rows
-    assert pipe.start_path(pipe.method("na_sft")) == base
+    assert pipe.ensure_start_model(cfg.finetune.method("na_sft")) == base
     for key in ("na_sft", "vlguard"):
         assert (cfg.run_dir / "eval" / key / "metrics.json").exists()
 
 
 @pytest.mark.parametrize("align_method", ["vaccine", "random_vaccine"])
-def test_vaccine_alignment_then_lisa(tmp_path, monkeypatch, align_method):
+def test_vaccine_alignment_then_lisa(monkeypatch, align_method, micro):
     from lisa_align.training.vaccine import VaccineTrainer
 
     steps = []
     real = VaccineTrainer.training_step
     monkeypatch.setattr(VaccineTrainer, "training_step", lambda self, *a, **k: steps.append(
         self.args.vaccine_random) or real(self, *a, **k))
-    cfg = validate_config(micro(tmp_path, **{"align.method": align_method, "align.vaccine_rho": 0.5,
-                                             "finetune.methods": ["lisa"], "eval.models": ["methods"]}))
+    cfg = validate_config(micro(**{"align.method": align_method, "align.vaccine_rho": 0.5,
+                                   "finetune.methods": ["lisa"], "eval.models": ["methods"]}))
     said: list[str] = []
     Pipeline(cfg, echo=said.append).run()
     assert steps and set(steps) == {align_method == "random_vaccine"}  # 16 rows, batch 8: 2 steps
@@ -163,26 +126,26 @@ def test_vaccine_alignment_then_lisa(tmp_path, monkeypatch, align_method):
     assert (cfg.run_dir / "eval" / "lisa" / "metrics.json").exists()
 
 
-def test_ewc_runs_in_the_pipeline(tmp_path):
-    cfg = validate_config(micro(tmp_path, **{"finetune.methods": [{"name": "ewc", "ewc_lambda": 0.5}],
-                                             "eval.models": ["methods"]}))
+def test_ewc_runs_in_the_pipeline(micro):
+    cfg = validate_config(micro(**{"finetune.methods": [{"name": "ewc", "ewc_lambda": 0.5}],
+                                   "eval.models": ["methods"]}))
     summary = Pipeline(cfg, echo=lambda *_: None).run()
     assert set(summary) == {"ewc"}
     assert (cfg.run_dir / "finetune" / "ewc" / "adapter" / "model.safetensors").exists()
 
 
-def test_vlguard_needs_enough_alignment_rows(tmp_path):
+def test_vlguard_needs_enough_alignment_rows(micro):
     from lisa_align.errors import LisaError
 
-    cfg = validate_config(micro(tmp_path, **{"finetune.methods": [{"name": "vlguard", "alignment_rows": 99}],
-                                             "eval.models": ["methods"]}))
+    cfg = validate_config(micro(**{"finetune.methods": [{"name": "vlguard", "alignment_rows": 99}],
+                                   "eval.models": ["methods"]}))
     with pytest.raises(LisaError, match="alignment_rows=99 but the alignment data has 16 rows"):
         Pipeline(cfg, echo=lambda *_: None).run()
 
 
-def test_evaluate_rejudges_saved_predictions(tmp_path, capsys):
+def test_evaluate_rejudges_saved_predictions(tmp_path, capsys, micro):
     path = tmp_path / "micro.yaml"
-    path.write_text(yaml.safe_dump(micro(tmp_path, **{"finetune.methods": ["sft"], "eval.models": ["methods"]})))
+    path.write_text(yaml.safe_dump(micro(**{"finetune.methods": ["sft"], "eval.models": ["methods"]})))
     assert main(["run", str(path)]) == 0
     run = tmp_path / "runs" / "micro"
     preds = run / "eval" / "sft" / "predictions" / "harmful.jsonl"

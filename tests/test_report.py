@@ -14,16 +14,15 @@ from lisa_align.config import config_to_dict, validate_config
 from lisa_align.errors import LisaError
 from lisa_align.io import atomic_write_json, atomic_write_yaml
 from lisa_align.report import RESULT_COLUMNS, collect, markdown, write_report
-from test_pipeline import micro
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def fake_run(root, tmp_path, *, method, p, seed, hs, fa, over_refusal=0.0, rho=1.0, drift=None, finished=True):
+def fake_run(root, micro, *, method, p, seed, hs, fa, over_refusal=0.0, rho=1.0, drift=None, finished=True):
     """A run folder as `lisa sweep` leaves it: resolved config.yaml, summary.json, metrics, log.jsonl."""
     name = f"method={method},p={p},seed={seed}"
-    cfg = micro(tmp_path, name=name, seed=seed, **{"data.p": p, "finetune.methods": [method],
-                                                   "finetune.lisa.rho": rho, "eval.models": ["methods"]})
+    cfg = micro(name=name, seed=seed, **{"data.p": p, "finetune.methods": [method],
+                                         "finetune.lisa.rho": rho, "eval.models": ["methods"]})
     cfg["output_dir"] = str(root.parent)
     cfg["align"]["output_dir"] = str(root / "_aligned" / f"seed{seed}")
     run = root / name
@@ -38,15 +37,15 @@ def fake_run(root, tmp_path, *, method, p, seed, hs, fa, over_refusal=0.0, rho=1
 
 
 @pytest.fixture
-def runs(tmp_path):
+def runs(tmp_path, micro):
     root = tmp_path / "runs" / "table3"
     for seed, (s, b, lisa) in enumerate([(100, 50, 10), (80, 70, 20)]):
         for p in (0.0, 0.1):
-            fake_run(root, tmp_path, method="sft", p=p, seed=seed, hs=s - (20 if p == 0 else 0), fa=95 + seed)
-            fake_run(root, tmp_path, method="bso", p=p, seed=seed, hs=b, fa=94, drift=[(2, 0.5), (10, 2.0)])
-            fake_run(root, tmp_path, method="lisa", p=p, seed=seed, hs=lisa, fa=93, over_refusal=5.0 * seed,
+            fake_run(root, micro, method="sft", p=p, seed=seed, hs=s - (20 if p == 0 else 0), fa=95 + seed)
+            fake_run(root, micro, method="bso", p=p, seed=seed, hs=b, fa=94, drift=[(2, 0.5), (10, 2.0)])
+            fake_run(root, micro, method="lisa", p=p, seed=seed, hs=lisa, fa=93, over_refusal=5.0 * seed,
                      drift=[(2, 0.5), (10, 0.7), (20, 0.4)])
-    fake_run(root, tmp_path, method="lisa", p=0.2, seed=0, hs=0, fa=0, finished=False)
+    fake_run(root, micro, method="lisa", p=0.2, seed=0, hs=0, fa=0, finished=False)
     return root
 
 
@@ -124,12 +123,12 @@ def test_report_cli_and_errors(runs, tmp_path, capsys):
         collect(tmp_path / "empty")
 
 
-def test_report_on_a_real_micro_sweep(tmp_path, monkeypatch, capsys):
+def test_report_on_a_real_micro_sweep(tmp_path, monkeypatch, capsys, micro):
     import yaml
 
     monkeypatch.setenv("LISA_ALIGN_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(micro(tmp_path, **{"eval.models": ["methods"]})))
+    path.write_text(yaml.safe_dump(micro(**{"eval.models": ["methods"]})))
     assert main(["sweep", str(path), "--grid", "method=sft,bso,lisa", "p=0,0.25"]) == 0
     root = tmp_path / "runs" / "micro"
     assert main(["report", str(root)]) == 0

@@ -16,8 +16,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from test_pipeline import micro
-
 WORKER = Path(__file__).with_name("resume_worker.py")
 
 
@@ -29,19 +27,20 @@ def _run(tmp_path: Path, config: Path, *kill: str) -> subprocess.CompletedProces
                           text=True, timeout=600)
 
 
-def _config(tmp_path: Path, name: str) -> Path:
-    cfg = micro(tmp_path, name=name, use_cpu=True, **{"finetune.methods": ["sft", "lisa"], "eval.models": ["methods"]})
+def _config(micro_config, tmp_path: Path, name: str) -> Path:
+    cfg = micro_config(tmp_path, name=name, use_cpu=True,
+                       **{"finetune.methods": ["sft", "lisa"], "eval.models": ["methods"]})
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, micro_config):
     tmp = tmp_path_factory.mktemp("resume")
-    ref = _run(tmp, _config(tmp, "straight"))
+    ref = _run(tmp, _config(micro_config, tmp, "straight"))
     assert ref.returncode == 0, ref.stderr[-3000:]
-    cfg = _config(tmp, "killed")
+    cfg = _config(micro_config, tmp, "killed")
     first = _run(tmp, cfg, "sft", "6")  # killed in SFT, after checkpoint-6 of 12 steps
     second = _run(tmp, cfg, "lisa", "3")  # resumes SFT; killed in Lisa after checkpoint-3 (switches at 2, 6, 8)
     third = _run(tmp, cfg)  # resumes Lisa, evaluates

@@ -8,8 +8,6 @@ import torch
 from transformers import (
     GemmaConfig,
     GemmaForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     OPTConfig,
@@ -21,13 +19,14 @@ from transformers import (
 from lisa_align.errors import LisaError
 from lisa_align.training.vaccine import VaccineArguments, VaccineTrainer, attention_modules
 
+from conftest import tiny_llama
+
 SMALL = dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=2, max_position_embeddings=32)
 
 
 def _llama(seed=0):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**SMALL, pad_token_id=0))
+    return tiny_llama(**SMALL, seed=seed, pad_token_id=0)
 
 
 def _data(n=8):
@@ -49,7 +48,7 @@ def _trainer(tmp_path, model=None, **kw):
 
 
 @pytest.mark.parametrize("build", [
-    lambda: LlamaForCausalLM(LlamaConfig(**SMALL)),
+    lambda: tiny_llama(**SMALL, seed=None),
     lambda: MistralForCausalLM(MistralConfig(**SMALL)),
     lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL)),
     lambda: GemmaForCausalLM(GemmaConfig(**SMALL, head_dim=8)),
@@ -100,12 +99,12 @@ def test_vaccine_changes_the_update_and_rho_zero_is_sft(tmp_path):
 
     plain, vaccine = final(vaccine_rho=0.0), final(vaccine_rho=5.0)
     assert not torch.allclose(plain, vaccine)
-    from lisa_align.training import SFTTrainer, TrainArguments
+    from lisa_align.training import BaseArguments, BaseTrainer
 
-    args = TrainArguments(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, num_train_epochs=1,
+    args = BaseArguments(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, num_train_epochs=1,
                           learning_rate=1e-2, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
                           loss_reduction="example", optim="sgd", max_grad_norm=0.0)
-    sft = SFTTrainer(model=_llama(), args=args, train_dataset=_data(), data_collator=_collate)
+    sft = BaseTrainer(model=_llama(), args=args, train_dataset=_data(), data_collator=_collate)
     sft.train()
     torch.testing.assert_close(plain, torch.cat([p.detach().flatten() for p in sft.model.parameters()]))
 

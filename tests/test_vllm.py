@@ -9,11 +9,11 @@ import json
 
 import pytest
 
+from lisa_align import pipeline as pipeline_module
 from lisa_align.config import validate_config
 from lisa_align.errors import LisaError
 from lisa_align.evaluation import vllm_backend
 from lisa_align.pipeline import Pipeline
-from test_pipeline import micro
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -24,7 +24,7 @@ def test_without_vllm_the_backend_gives_the_install_hint(tmp_path):
         vllm_backend.VLLMGenerator(str(tmp_path))
 
 
-def test_pipeline_serves_each_model_and_adapter_through_the_backend(tmp_path, monkeypatch):
+def test_pipeline_serves_each_model_and_adapter_through_the_backend(tmp_path, monkeypatch, micro):
     monkeypatch.setenv("LISA_ALIGN_CACHE", str(tmp_path / "cache"))
     made = []
 
@@ -35,17 +35,17 @@ def test_pipeline_serves_each_model_and_adapter_through_the_backend(tmp_path, mo
         def __call__(self, prompts, *, max_new_tokens, desc="generate"):
             return [f"sure {desc} {max_new_tokens}" for _ in prompts]
 
-    cfg = validate_config(micro(tmp_path, **{"finetune.methods": ["sft"], "eval.models": ["base", "aligned", "methods"],
-                                             "eval.backend": "vllm", "eval.vllm": {"gpu_memory_utilization": 0.5},
-                                             "finetune.lora": {"r": 2, "alpha": 4, "dropout": 0.0,
-                                                               "target_modules": ["q_proj", "v_proj"]}}))
-    monkeypatch.setattr(vllm_backend, "VLLMGenerator", FakeVLLM)
+    cfg = validate_config(micro(**{"finetune.methods": ["sft"], "eval.models": ["base", "aligned", "methods"],
+                                   "eval.backend": "vllm", "eval.vllm": {"gpu_memory_utilization": 0.5},
+                                   "finetune.lora": {"r": 2, "alpha": 4, "dropout": 0.0,
+                                                     "target_modules": ["q_proj", "v_proj"]}}))
+    monkeypatch.setattr(pipeline_module, "VLLMGenerator", FakeVLLM)
     monkeypatch.setattr(Pipeline, "load_for_eval", lambda self, key: pytest.fail("HF model loaded for vllm"))
     pipe = Pipeline(cfg, echo=lambda *_: None)
     summary = pipe.run()
     assert [(m, a) for m, a, _ in made] == [
-        (pipe.base_path(), None), (pipe.aligned_path(), None),
-        (pipe.aligned_path(), str(cfg.run_dir / "finetune" / "sft" / "adapter"))]
+        (pipe.ensure_base(), None), (pipe.ensure_aligned(), None),
+        (pipe.ensure_aligned(), str(cfg.run_dir / "finetune" / "sft" / "adapter"))]
     assert all(kw == {"dtype": "auto", "trust_remote_code": False, "allow_pickle": False,
                       "gpu_memory_utilization": 0.5} for _, _, kw in made)
     preds = [json.loads(x) for x in (cfg.run_dir / "eval" / "sft" / "predictions" / "harmful.jsonl").open()]
@@ -61,9 +61,9 @@ def test_vllm_answers_equal_the_hf_answers(tmp_path):
         pytest.skip("vLLM needs a CUDA GPU")
     from lisa_align.evaluation.generation import generate
     from lisa_align.models.loading import load_model_and_tokenizer
-    from lisa_align.models.tiny import build_tiny_base
+    from lisa_align.training.tiny_base import ensure_tiny_base
 
-    path = build_tiny_base(seed=0, cache_dir=tmp_path)
+    path = ensure_tiny_base(seed=0, cache_dir=tmp_path)
     model, tok = load_model_and_tokenizer(str(path))
     prompts = ["### Instruction:\nsay something kind\n\n### Response:", "### Instruction:\nname a colour\n\n### Response:"]
     hf = generate(model.cuda(), tok, prompts, max_new_tokens=8)
