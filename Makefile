@@ -1,11 +1,11 @@
 # `make demo`: create .venv if missing, install, run the embedded CPU default.
-# `make test`: the same install, then the default test suite (slow tests: `make test-slow`).
+# `make test`: the same install, then the linter (ruff) and the default test suite (slow tests: `make test-slow`).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test test-slow lint install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lisa demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest
 
 test-slow: $(STAMP)
