@@ -287,3 +287,22 @@ def test_demo_and_embedded_table3_share_every_setting_but_the_grid():
     assert demo["finetune"]["lisa"] == t3["finetune"]["lisa"]
     assert {k: v for k, v in demo["finetune"].items() if k != "methods"} == \
         {k: v for k, v in t3["finetune"].items() if k != "methods"}
+
+
+def test_a_run_folder_of_an_older_release_is_the_same_config(tmp_path):
+    """config.yaml as an older release wrote it (align.method a name plus align.vaccine_rho; every method
+    setting listed) holds the same run: re-running reuses its stages instead of refusing the folder."""
+    from lisa_align.pipeline import config_diff
+
+    cfg = validate_config({"output_dir": str(tmp_path), "name": "r", "align": {"method": "vaccine"},
+                           "finetune": {"methods": ["sft", "lisa"]}})
+    old = config_to_dict(cfg)
+    old["align"] = {**{k: v for k, v in old["align"].items() if k != "method"}, "method": "vaccine", "vaccine_rho": 2.0}
+    old["finetune"]["methods"] = [{"name": m, "label": None, "k1": None, "k2": None, "rho": None,
+                                   "alignment_rows": None, "ewc_lambda": None} for m in ("sft", "lisa")]
+    cfg.run_dir.mkdir(parents=True)
+    cfg.rundir.config.write_text(yaml.safe_dump(old))
+    assert config_diff(cfg) == []
+    old["align"]["vaccine_rho"] = 3.0
+    cfg.rundir.config.write_text(yaml.safe_dump(old))
+    assert config_diff(cfg) == ["align.method.rho: 3.0 -> 2.0"]
