@@ -19,11 +19,10 @@ the switch.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 from overhead_models import METHODS, Spec, trainable
-from overhead_timing import median_ms
+from overhead_timing import median_ms, timed_call
 
 
 def micro_benchmark(trainer, cuda: bool, budget_s: float = 1.0, max_reps: int = 21) -> dict[str, float]:
@@ -49,13 +48,7 @@ def micro_benchmark(trainer, cuda: bool, budget_s: float = 1.0, max_reps: int = 
            "anchor_copy": anchor_copy}
 
     def timed(fn) -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
+        return timed_call(fn, cuda)
 
     samples = {k: [timed(f)] for k, f in fns.items()}  # the first call: warm-up, and the size of one repeat
     one = sum(v[0] for v in samples.values())

@@ -209,17 +209,20 @@ def median_ms(xs) -> float:
     return 1000 * statistics.median(xs) if xs else 0.0
 
 
+def timed_call(fn, cuda: bool) -> float:
+    """Wall time of one fn() in seconds (synchronized on CUDA)."""
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def time_it(fn, reps: int, cuda: bool, best: bool = False) -> float:
     """Median (or best) wall time of fn() in ms."""
-    out = []
-    for _ in range(reps):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t)
+    out = [timed_call(fn, cuda) for _ in range(reps)]
     return 1000 * min(out) if best else median_ms(out)
 
 

@@ -91,8 +91,10 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_config_imports_no_torch_transformers_or_peft():
-    code = ("import lisa_align.config, sys; "
+@pytest.mark.parametrize("module", ["config", "defenses", "rundir", "report", "sweep"])
+def test_config_and_the_tools_that_only_read_configs_import_no_torch_transformers_or_peft(module):
+    """`lisa report` and sweep planning (Slurm) do not pay for a training stack they do not use."""
+    code = (f"import lisa_align.{module}, sys; "
             f"print(','.join(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

@@ -292,7 +292,7 @@ def test_demo_and_embedded_table3_share_every_setting_but_the_grid():
 def test_a_run_folder_of_an_older_release_is_the_same_config(tmp_path):
     """config.yaml as an older release wrote it (align.method a name plus align.vaccine_rho; every method
     setting listed) holds the same run: re-running reuses its stages instead of refusing the folder."""
-    from lisa_align.pipeline import config_diff
+    from lisa_align.config import config_diff
 
     cfg = validate_config({"output_dir": str(tmp_path), "name": "r", "align": {"method": "vaccine"},
                            "finetune": {"methods": ["sft", "lisa"]}})

@@ -114,16 +114,17 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from lisa_align.pipeline import format_table
-    from lisa_align.sweep import plan, run_local, submit, write_slurm
+    from lisa_align.sweep import plan, submit, write_slurm
 
     root, runs = plan(args.config, args.grid, args.set, share_aligned=args.launcher == "local")
-    if args.launcher == "slurm":
+    if args.launcher == "slurm":  # planning needs no training stack
         script = write_slurm(root, runs)
         print(f"{len(runs)} runs; array script {script}")
         print(submit(script) if args.submit else f"submit with: sbatch {script}")
         return 0
-    for r in run_local(root, runs):
+    from lisa_align.pipeline import format_table, run_sweep
+
+    for r in run_sweep(runs):
         print(f"\n{r['name']}  ({r['run_dir']})")
         print(format_table(r["summary"]))
     print(root)

@@ -440,3 +440,27 @@ def validate_config(raw: dict, source: str = "config") -> RunConfig:
 
 def config_to_dict(cfg: RunConfig) -> dict:
     return cfg.model_dump(mode="json")
+
+
+def config_diff(cfg: RunConfig) -> list[str]:
+    """How ``cfg`` differs from the config saved in its run folder ("key: old -> new"; empty if none).
+    The saved one is read through the current schema first, so a folder written by an older release
+    (another spelling of the same settings) compares equal."""
+    path = cfg.rundir.config
+    if not path.exists():
+        return []
+    old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        old = config_to_dict(validate_config(old, str(path)))
+    except LisaError:
+        pass  # not a valid config any more: compare it as written
+    return _diff(old, config_to_dict(cfg))
+
+
+def _diff(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]

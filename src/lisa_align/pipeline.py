@@ -19,11 +19,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import PartialState
 from transformers import set_seed
 
-from lisa_align.config import RunConfig, config_to_dict, validate_config
+from lisa_align.config import RunConfig, config_diff, config_to_dict, validate_config
 from lisa_align.data.mixing import mix_harmful, remove_overlap
 from lisa_align.data.sources import load_rows
 from lisa_align.defenses import Defense
@@ -340,6 +339,26 @@ class Pipeline:
         return summary
 
 
+def run_sweep(runs: list[dict], echo=print) -> list[dict]:
+    """The runs of a sweep (resolved configs, ``sweep.plan``) one after the other, in this process;
+    a finished run is skipped (after checking that its folder holds the same config)."""
+    results = []
+    for i, raw in enumerate(runs, 1):
+        cfg = validate_config(raw)
+        done = cfg.rundir.summary
+        diff = config_diff(cfg)
+        if diff:  # checked before skipping: a finished run of another config is not this run's result
+            raise LisaError(f"{cfg.run_dir} holds a run with a different config ({'; '.join(diff[:5])}); "
+                            "give the sweep another name (--set name=...) or output_dir")
+        if done.exists():
+            echo(f"[sweep] {i}/{len(runs)} {cfg.name}: finished, skipped")
+        else:
+            echo(f"[sweep] {i}/{len(runs)} {cfg.name}")
+            Pipeline(cfg, echo=echo).run()
+        results.append({"name": cfg.name, "run_dir": str(cfg.run_dir), "summary": read_json(done)})
+    return results
+
+
 def save_atomically(out: Path, model, tokenizer) -> None:
     """Write a stage's model and tokenizer under a temporary name, then rename: ``out`` is complete or
     absent (or still the previous one). Non-finite weights are not saved; a full disk removes the
@@ -365,30 +384,6 @@ def save_atomically(out: Path, model, tokenizer) -> None:
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-
-
-def config_diff(cfg: RunConfig) -> list[str]:
-    """How ``cfg`` differs from the config saved in its run folder ("key: old -> new"; empty if none).
-    The saved one is read through the current schema first, so a folder written by an older release
-    (another spelling of the same settings) compares equal."""
-    path = cfg.rundir.config
-    if not path.exists():
-        return []
-    old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    try:
-        old = config_to_dict(validate_config(old, str(path)))
-    except LisaError:
-        pass  # not a valid config any more: compare it as written
-    return _diff(old, config_to_dict(cfg))
-
-
-def _diff(old, new, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new), key=str):
-            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
-        return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 def format_table(summary: dict) -> str:

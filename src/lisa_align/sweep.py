@@ -1,4 +1,4 @@
-"""Grid sweeps: expand ``key=v1,v2`` axes into runs, run them in sequence or as a Slurm array.
+"""Grid sweeps: expand ``key=v1,v2`` axes into runs (run in sequence by ``pipeline.run_sweep``) or a Slurm array.
 
 Axis keys are dotted config paths, or the short names ``method``, ``p``, ``n``, ``rho``, ``k1``,
 ``k2``, ``seed``. Every run is a normal ``lisa run`` with its own run folder under the sweep's
@@ -25,8 +25,7 @@ import yaml
 from lisa_align.config import apply_overrides, config_to_dict, read_config_file, validate_config
 from lisa_align.defenses import DEFENSES
 from lisa_align.errors import LisaError
-from lisa_align.io import atomic_write_text, atomic_write_yaml, read_json
-from lisa_align.pipeline import Pipeline, config_diff
+from lisa_align.io import atomic_write_text, atomic_write_yaml
 from lisa_align.rundir import SHARED_ALIGNED_DIR
 
 ALIASES = {"method": "finetune.methods", "p": "data.p", "n": "data.n", "rho": "finetune.lisa.rho",
@@ -116,24 +115,6 @@ def plan(config_path: str, grid: list[str], extra: list[str] | None = None, *, s
             cfg["align"]["output_dir"] = str(root / SHARED_ALIGNED_DIR / aligned_key(cfg))
         runs.append(cfg)
     return root, runs
-
-
-def run_local(root: Path, runs: list[dict], echo=print) -> list[dict]:
-    results = []
-    for i, raw in enumerate(runs, 1):
-        cfg = validate_config(raw)
-        done = cfg.rundir.summary
-        diff = config_diff(cfg)
-        if diff:  # checked before skipping: a finished run of another config is not this run's result
-            raise LisaError(f"{cfg.run_dir} holds a run with a different config ({'; '.join(diff[:5])}); "
-                            "give the sweep another name (--set name=...) or output_dir")
-        if done.exists():
-            echo(f"[sweep] {i}/{len(runs)} {cfg.name}: finished, skipped")
-        else:
-            echo(f"[sweep] {i}/{len(runs)} {cfg.name}")
-            Pipeline(cfg, echo=echo).run()
-        results.append({"name": cfg.name, "run_dir": str(cfg.run_dir), "summary": read_json(done)})
-    return results
 
 
 def write_slurm(root: Path, runs: list[dict]) -> Path:
