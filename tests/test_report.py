@@ -13,7 +13,7 @@ from lisa_align.cli import main
 from lisa_align.config import config_to_dict, validate_config
 from lisa_align.errors import LisaError
 from lisa_align.io import atomic_write_json, atomic_write_yaml
-from lisa_align.report import RESULT_COLUMNS, collect, markdown, write_report
+from lisa_align.report import EXTRA_COLUMNS, FIDELITY_COLUMNS, RESULT_COLUMNS, collect, markdown, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -29,7 +29,8 @@ def fake_run(root, micro, *, method, p, seed, hs, fa, over_refusal=0.0, rho=1.0,
     atomic_write_yaml(run / "config.yaml", config_to_dict(validate_config(cfg)))
     if finished:
         atomic_write_json(run / "summary.json", {method: {"hs": hs, "fa": fa, "over_refusal": over_refusal}})
-        atomic_write_json(run / "eval" / method / "metrics.json", {"hs": hs, "fa": fa, "judge": "refusal"})
+        atomic_write_json(run / "eval" / method / "metrics.json", {"hs": hs, "fa": fa, "judge": "refusal",
+                                                                  "fa_lenient": fa + 1, "hs_plus": hs + 0.5})
     lines = [json.dumps({"stage": f"finetune/{method}", "step": s, "loss": 1.0, "lisa/drift": d})
              for s, d in (drift or [])]
     (run / "log.jsonl").write_text("\n".join(lines) + ("\n{\"stage\": \"finetune/" if lines else ""))  # torn tail
@@ -56,6 +57,8 @@ def test_results_csv_has_one_row_per_model_with_the_used_method_settings(runs):
         f.seek(0)
         header = next(csv.reader(f))
     assert header[:len(RESULT_COLUMNS)] == ["method", "p", "n", "rho", "k1", "k2", "seed", "hs", "fa", "over_refusal"]
+    assert header == RESULT_COLUMNS + EXTRA_COLUMNS + ["fa_lenient", "hs_plus"]  # appended last
+    assert FIDELITY_COLUMNS == ["fa_lenient", "hs_plus"]
     assert len(rows) == 12  # 3 methods x 2 p x 2 seeds; the unfinished run is left out
     by = {(r["method"], r["p"], r["seed"]): r for r in rows}
     assert by[("bso", "0.1", "1")]["rho"] == "0.0"  # BSO is rho = 0 whatever the config's rho
@@ -64,6 +67,8 @@ def test_results_csv_has_one_row_per_model_with_the_used_method_settings(runs):
     assert by[("sft", "0.1", "0")]["rho"] == by[("sft", "0.1", "0")]["k1"] == ""  # no bi-state schedule
     assert by[("lisa", "0.1", "1")]["hs"] == "20" and by[("lisa", "0.1", "1")]["n"] == "24"
     assert by[("sft", "0.0", "0")]["judge"] == "refusal"
+    # from each model's metrics.json (summary.json holds hs / fa / over_refusal only)
+    assert (by[("lisa", "0.1", "1")]["fa_lenient"], by[("lisa", "0.1", "1")]["hs_plus"]) == ("94", "20.5")
 
 
 def test_paper_table_is_mean_and_sample_std_over_seeds(runs):
@@ -135,6 +140,7 @@ def test_report_on_a_real_micro_sweep(tmp_path, monkeypatch, capsys, micro):
     report = collect(root)
     assert sorted((r["method"], r["p"]) for r in report.rows) == sorted(
         (m, p) for m in ("sft", "bso", "lisa") for p in (0.0, 0.25))
+    assert all(r["hs_plus"] is not None and r["fa_lenient"] is not None for r in report.rows)  # a real evaluation
     # Lisa's loss records carry the drift, so the curve has more points than the switches
     lisa = report.drift["lisa (p=0.25, seed 0)"]
     switches = json.loads((root / "method=lisa,p=0.25" / "finetune" / "lisa" / "lisa_switches.json").read_text())

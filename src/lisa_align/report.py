@@ -3,9 +3,11 @@
 ``lisa report RUNS_DIR`` finds every run folder below ``RUNS_DIR`` (a ``config.yaml`` next to a
 ``summary.json``) and writes, under ``RUNS_DIR/report`` (or ``--out``):
 
-* ``results.csv``: one row per evaluated model of each run, columns :data:`RESULT_COLUMNS` then
-  :data:`EXTRA_COLUMNS`. ``rho``/``k1``/``k2`` are the values the method really used (BSO: ρ = 0;
-  empty for methods without a bi-state schedule).
+* ``results.csv``: one row per evaluated model of each run, columns :data:`RESULT_COLUMNS`, then
+  :data:`EXTRA_COLUMNS`, then :data:`FIDELITY_COLUMNS`. ``rho``/``k1``/``k2`` are the values the
+  method really used (BSO: ρ = 0; empty for methods without a bi-state schedule). ``fa_lenient``
+  (FA under the lenient rule) and ``hs_plus`` (HS counting degenerate answers as harmful) come from
+  each model's ``metrics.json``; empty for runs evaluated before they existed.
 * ``table.md`` / ``table.csv``: the paper's layout, one row per method and one column per setting
   (the config values that differ between runs, seeds aside), each cell HS / FA as mean ± std over
   seeds (sample std; one seed shows the mean only); plus over-refusal in the same layout.
@@ -30,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from lisa_align.config import validate_config
+from lisa_align.config import config_to_dict, upgrade_saved_config, validate_config
 from lisa_align.defenses import DEFENSES
 from lisa_align.errors import LisaError
 from lisa_align.io import atomic_write_bytes, atomic_write_text, read_json
@@ -38,6 +40,7 @@ from lisa_align.rundir import LISA_DRIFT, LISA_STEP, LOG_STAGE, LOG_STEP, RunDir
 
 RESULT_COLUMNS = ["method", "p", "n", "rho", "k1", "k2", "seed", "hs", "fa", "over_refusal"]
 EXTRA_COLUMNS = ["label", "model", "task", "judge", "setting", "run"]
+FIDELITY_COLUMNS = ["fa_lenient", "hs_plus"]  # appended last, so readers of the older columns are unaffected
 # Config paths that never define a setting: bookkeeping, the seed (averaged over), the methods
 # (the table's rows) and where the aligned model is stored.
 _NOT_SETTINGS = ("name", "output_dir", "seed", "finetune.methods", "align.output_dir", "sweep", "slurm")
@@ -74,13 +77,6 @@ def _without_run_seed(raw: dict) -> dict:
     return raw
 
 
-def _current_spelling(raw: dict, cfg) -> dict:
-    """``raw`` with ``align.method`` as the current release writes it (older config.yaml files spell it
-    as a name plus ``align.vaccine_rho``), so runs of two releases compare setting by setting."""
-    align = {k: v for k, v in (raw.get("align") or {}).items() if k != "vaccine_rho"}
-    return {**raw, "align": {**align, "method": cfg.align.method.model_dump(mode="json")}}
-
-
 def _is_setting_key(key: str) -> bool:
     return not any(key == k or key.startswith(k + ".") for k in _NOT_SETTINGS)
 
@@ -105,12 +101,12 @@ def collect(root: str | Path) -> Report:
                         "run `lisa sweep CONFIG` or `lisa run CONFIG` first")
     runs = []
     for run in done:
-        raw = yaml.safe_load(run.config.read_text(encoding="utf-8")) or {}
+        raw = upgrade_saved_config(yaml.safe_load(run.config.read_text(encoding="utf-8")) or {})
         try:
             cfg = validate_config(raw, str(run.config))
         except LisaError as e:
             raise LisaError(f"{run.path}: its config.yaml is not a valid run config ({e})") from None
-        raw = _current_spelling(raw, cfg)
+        raw = config_to_dict(cfg)  # as the current release writes it: runs of two releases compare key by key
         runs.append((run, raw, cfg, read_json(run.summary)))
     flat = [_flatten(_without_run_seed(raw)) for _, raw, _, _ in runs]
     keys = sorted({k for f in flat for k in f if _is_setting_key(k)})
@@ -127,12 +123,14 @@ def collect(root: str | Path) -> Report:
             spec = methods.get(key)
             values = spec.report_values() if spec is not None else {}
             k1, k2, rho = values.get("k1"), values.get("k2"), values.get("rho")
-            judge = run.eval(key).read_metrics().get("judge")
+            metrics = run.eval(key).read_metrics()
+            judge = metrics.get("judge")
             rows.append({"method": spec.name if spec else key, "p": cfg.data.p, "n": cfg.data.n, "rho": rho,
                          "k1": k1, "k2": k2, "seed": cfg.seed, "hs": m.get("hs"), "fa": m.get("fa"),
                          "over_refusal": m.get("over_refusal"), "label": key, "model": cfg.model.name,
                          "task": cfg.data.task, "judge": judge, "setting": setting,
-                         "run": str(run.path.relative_to(root)) if run.path != root else root.name})
+                         "run": str(run.path.relative_to(root)) if run.path != root else root.name,
+                         "fa_lenient": metrics.get("fa_lenient"), "hs_plus": metrics.get("hs_plus")})
             if rho is not None:
                 curve = _drift_curve(run, key)
                 if curve:
@@ -237,7 +235,7 @@ def table_csv(report: Report) -> str:
 
 
 def results_csv(report: Report) -> str:
-    cols = RESULT_COLUMNS + EXTRA_COLUMNS
+    cols = RESULT_COLUMNS + EXTRA_COLUMNS + FIDELITY_COLUMNS
     return _csv(cols, [[r[c] for c in cols] for r in report.rows])
 
 
@@ -382,5 +380,5 @@ def write_report(root: str | Path, out: str | Path | None = None) -> tuple[Path,
     return out, report
 
 
-__all__ = ["RESULT_COLUMNS", "EXTRA_COLUMNS", "Report", "collect", "aggregate", "paper_table", "markdown",
-           "table_csv", "results_csv", "plots", "render_html", "write_report", "find_runs", "mean_std"]
+__all__ = ["RESULT_COLUMNS", "EXTRA_COLUMNS", "FIDELITY_COLUMNS", "Report", "collect", "aggregate", "paper_table",
+           "markdown", "table_csv", "results_csv", "plots", "render_html", "write_report", "find_runs", "mean_std"]

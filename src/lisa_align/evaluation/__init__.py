@@ -1,6 +1,14 @@
 """Evaluation: batched greedy generation, harmfulness judges, task scoring, pairwise (win-rate)
 judges, metrics files."""
 
+from lisa_align.evaluation.answers import (
+    DEGENERATE_REPEATS,
+    RESPONSE_MARKER,
+    cut_at_response_marker,
+    is_degenerate,
+    judged_text,
+    longest_word_run,
+)
 from lisa_align.evaluation.evaluate import (
     FA_PENDING,
     EvalSet,
@@ -25,6 +33,7 @@ from lisa_align.evaluation.judges import (
     cohen_kappa,
     get_judge,
     is_refusal,
+    judge_options,
     parse_llama_guard,
 )
 from lisa_align.evaluation.pairwise import (
@@ -39,6 +48,8 @@ from lisa_align.evaluation.pairwise import (
 from lisa_align.evaluation.rejudging import rejudge_run
 from lisa_align.evaluation.tasks import (
     AGNEWS_LABELS,
+    EXACT_LABELS,
+    FA_RULES,
     SST2_LABELS,
     TASKS,
     Task,
@@ -46,6 +57,7 @@ from lisa_align.evaluation.tasks import (
     gsm8k_reference,
     parse_gsm8k,
     parse_label,
+    parse_label_exact,
     register_task,
     score_task,
 )
@@ -54,6 +66,8 @@ __all__ = [
     "FA_PENDING", "PAIRWISE_JUDGES", "PAIRWISE_TEMPLATE", "LocalPairwiseJudge", "PairwiseJudge",
     "get_pairwise_judge", "register_pairwise_judge", "rejudge_pairwise", "win_rate",
     "LLAMA_GUARD_CATEGORIES", "LlamaGuardJudge", "cohen_kappa", "parse_llama_guard",
+    "DEGENERATE_REPEATS", "RESPONSE_MARKER", "cut_at_response_marker", "is_degenerate", "judged_text",
+    "longest_word_run", "EXACT_LABELS", "FA_RULES", "parse_label_exact", "judge_options",
     "AGNEWS_LABELS",
     "BEAVERDAM_TEMPLATE",
     "BEAVERTAILS_CATEGORIES",

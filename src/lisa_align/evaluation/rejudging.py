@@ -33,6 +33,8 @@ def rejudge_run(
     pairwise_judge_model: str | None = None,
     allow_pickle: bool = False,
     echo: Callable[[str], Any] = print,
+    judge_dtype: str | None = None,
+    cut_at_response_marker: bool | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Re-judge the saved predictions of every evaluated model of ``run_dir`` (no generation).
 
@@ -44,6 +46,9 @@ def rejudge_run(
       :class:`PairwiseJudge` object: the task answers of every model evaluated on a pairwise task
       (``alpaca_eval``) are judged (:func:`rejudge_pairwise`); FA becomes the win rate.
 
+    ``judge_dtype`` (``auto``, ``float32``, ...) goes to a judge built by name that takes a dtype (None:
+    the judge's default, float32 for BeaverDam as in the reference). ``cut_at_response_marker`` None
+    cuts the answers as each evaluation did (its ``metrics.json``); HS+ is recomputed with HS.
     ``allow_pickle`` lets the judge models load pickle weights. Each model's row of ``summary.json``
     is updated and the file rewritten atomically once everything is judged. ``echo`` gets the
     progress lines. Returns the summary. One-line :class:`LisaError` for nothing to judge or
@@ -59,7 +64,7 @@ def rejudge_run(
         raise LisaError(f"{run.path}: no eval/ folder with saved predictions; run `lisa run` first")
     summary = read_json(run.summary) if run.summary.is_file() else {}
     if harmful_wanted:
-        _rejudge_harmful(run, summary, judge, judge_model, allow_pickle, echo)
+        _rejudge_harmful(run, summary, judge, judge_model, allow_pickle, echo, judge_dtype, cut_at_response_marker)
     if pairwise_wanted:
         _rejudge_pairwise(run, summary, pairwise_judge, pairwise_judge_model, allow_pickle, echo)
     atomic_write_json(run.summary, summary)
@@ -67,7 +72,8 @@ def rejudge_run(
 
 
 def _rejudge_harmful(run: RunDir, summary: dict, judge: Judge | str, judge_model: str | None,
-                     allow_pickle: bool, echo: Callable[[str], Any]) -> None:
+                     allow_pickle: bool, echo: Callable[[str], Any], judge_dtype: str | None = None,
+                     cut: bool | None = None) -> None:
     evals = [ev for ev in run.evaluated() if ev.predictions("harmful").is_file()]
     if not evals:
         raise LisaError(f"{run.path}: no saved predictions under eval/*/predictions/harmful.jsonl; "
@@ -75,19 +81,19 @@ def _rejudge_harmful(run: RunDir, summary: dict, judge: Judge | str, judge_model
     if isinstance(judge, str):
         kwargs = {"model_name_or_path": judge_model} if judge_model else {}
         kwargs |= allow_pickle_kwargs(JUDGES.get(judge_key(judge)), allow_pickle)
-        judge = get_judge(judge, **kwargs)
+        judge = get_judge(judge, options={"dtype": judge_dtype}, **kwargs)
     for ev in evals:
-        summary[ev.name] = summary_row(_rejudge_one(ev, judge, echo))
+        summary[ev.name] = summary_row(_rejudge_one(ev, judge, echo, cut))
     echo(f"judge: {judge.name}")
 
 
-def _rejudge_one(ev: EvalDir, judge: Judge, echo: Callable[[str], Any]) -> dict[str, Any]:
+def _rejudge_one(ev: EvalDir, judge: Judge, echo: Callable[[str], Any], cut: bool | None = None) -> dict[str, Any]:
     """Re-judge one model's harmful answers; Cohen's kappa against the previous judge's verdicts (when it
     was another judge and had judged every answer) goes to ``metrics.json``. Returns the metrics."""
     preds = ev.predictions("harmful")
     before = read_jsonl(preds)
     old_judge = ev.read_metrics().get("judge")
-    metrics = rejudge(ev.path, judge)
+    metrics = rejudge(ev.path, judge, cut_at_response_marker=cut)
     if old_judge and old_judge != judge.name and before and all("flagged" in r for r in before):
         after = read_jsonl(preds)
         kappa = cohen_kappa([bool(r["flagged"]) for r in before], [bool(r["flagged"]) for r in after])
