@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import random
 from pathlib import Path
 from typing import Literal
 
@@ -46,8 +47,13 @@ class SourceSpec(BaseModel):
     format: str = Field("auto", description="beavertails | sst2 | agnews | gsm8k | alpaca | auto")
     filter: Literal["safe", "unsafe"] | None = Field(None, description="keep BeaverTails rows by is_safe")
     skip: int = Field(0, ge=0, description="leave out the first rows (after the filter), e.g. rows used for training")
-    n: int | None = Field(None, description="take the first n rows (after the filter and skip)")
-    seed: int = Field(0, description="generator seed (synthetic sources only)")
+    n: int | None = Field(None, description="take n rows (after the filter and skip), chosen by sample")
+    sample: Literal["first", "random"] = Field(
+        "first", description="how rows are chosen where fewer than all are taken (n here; the user set's "
+        "round(p·n) harmful and n - round(p·n) benign rows in data.user/data.harmful): first: the first rows "
+        "after the filter and skip (the reference); random: a seeded random sample (n: this spec's seed; "
+        "the user set: the run seed)")
+    seed: int = Field(0, description="generator seed (synthetic sources), and the seed of sample: random for n")
     size: int | None = Field(None, description="rows to generate (synthetic sources only)")
 
     def describe(self) -> str:
@@ -89,7 +95,10 @@ def load_rows(spec: SourceSpec) -> list[dict]:
             raise LisaError(f"{where}: n={spec.n} asks for more rows than the {len(rows)} available"
                             f"{' after filter ' + spec.filter if spec.filter else ''}"
                             f"{f' and skip={spec.skip}' if spec.skip else ''}; lower n")
-        rows = rows[: spec.n]
+        if spec.sample == "first":
+            rows = rows[: spec.n]
+        else:  # a seeded sample, in source order
+            rows = [rows[i] for i in sorted(random.Random(spec.seed).sample(range(len(rows)), spec.n))]
     return rows
 
 
