@@ -51,7 +51,8 @@ def test_finetune_defaults(default):
     assert (f.lora.r, f.lora.alpha, f.lora.dropout) == (8, 4, 0.1)
     assert sorted(f.lora.target_modules) == ["q_proj", "v_proj"]
     assert (f.lr, f.batch_size, f.epochs, f.weight_decay) == (1e-5, 5, 20, 0.0)
-    assert (f.scheduler, f.warmup_ratio) == ("constant_with_warmup", 0.1)
+    # the reference passes --lr_scheduler_type constant --warmup_ratio 0.1, and constant ignores the ratio
+    assert (f.scheduler, f.warmup_ratio) == ("constant", 0.1)
     assert f.optim.startswith("adamw")
     assert [m.name for m in f.methods] == ["sft", "lisa"]
 
@@ -227,7 +228,7 @@ def test_configs_demo_matches_preset():
 
 @pytest.mark.parametrize("method, fragment", [
     ({"name": "lisa", "alignment_rows": 5}, "'alignment_rows' is not a setting of lisa"),
-    ({"name": "vlguard", "rho": 1.0}, "'rho' is not a setting of vlguard (its settings: label, alignment_rows)"),
+    ({"name": "vlguard", "rho": 1.0}, "'rho' is not a setting of vlguard (its settings: label, alignment_rows, mode)"),
     ({"name": "na_sft", "k1": 3}, "'k1' is not a setting of na_sft (its settings: label); remove it"),
     ({"name": "vlguard", "alignment_rows": 0}, "alignment_rows"),
 ])

@@ -90,7 +90,7 @@ def test_demo_preset_is_valid_and_cli_prints_summary_path(tmp_path, capsys, micr
 
 
 def test_na_sft_starts_from_base_and_vlguard_mixes_alignment_rows(micro):
-    methods = ["na_sft", {"name": "vlguard", "alignment_rows": 8}]
+    methods = ["na_sft", {"name": "vlguard", "alignment_rows": 8, "mode": "append"}]
     cfg = validate_config(micro(**{"finetune.methods": methods, "eval.models": ["methods"]}))
     said: list[str] = []
     pipe = Pipeline(cfg, echo=said.append)
@@ -182,3 +182,19 @@ def test_evaluate_rejudges_saved_predictions(tmp_path, capsys, micro):
     # 2/6 the chance agreement is 4/9, so kappa = (0 - 4/9) / (1 - 4/9) = -0.8
     assert len(rows) == 6
     assert m["judge_agreement"]["refusal~firsttwo"]["cohen_kappa"] == pytest.approx(-0.8)
+
+
+def test_vlguard_replace_keeps_n_rows_and_the_data_record_names_the_hs_protocol(micro):
+    """Lisa's reference Vlguard: the alignment rows take the place of benign user rows (n = 24, p = 0.25:
+    6 harmful + int(0.75·24 - 8) = 10 benign + 8 alignment rows); the data record says which HS prompts ran."""
+    cfg = validate_config(micro(**{"finetune.methods": [{"name": "vlguard", "alignment_rows": 8}],
+                                   "eval.models": ["methods"]}))
+    said: list[str] = []
+    pipe = Pipeline(cfg, echo=said.append)
+    pipe.run()
+    assert any("finetune vlguard: 24 rows (n=24" in s and "8 alignment rows in place of benign rows" in s for s in said)
+    records = [json.loads(line) for line in cfg.rundir.log.read_text().splitlines()]
+    (data,) = [r for r in records if r.get("event") == "data"]
+    assert data["hs_protocol"] == pipe.load_data().hs_protocol == "lisa"  # the micro config's eval.harmful: n=6
+    assert data["eval_harmful"] == 6 and data["eval_rows_dropped_as_overlap"] == {}
+    assert data["eval_harmful_duplicates_dropped"] == 0

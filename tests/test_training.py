@@ -820,3 +820,23 @@ def test_warmup_ratio_is_a_share_of_the_steps(tmp_path, ratio, total, warmup):
     assert args.get_warmup_steps(total) == warmup
     with pytest.raises(LisaError, match="warmup_ratio=1.5 must be in"):
         BaseArguments(output_dir=str(tmp_path), warmup_ratio=1.5)
+
+
+def test_a_constant_schedule_starts_at_the_set_rate(tmp_path):
+    """The reference fine-tunes with lr_scheduler_type constant (its warmup_ratio 0.1 is ignored): the
+    learning rate of step 0 is the set rate, as is every later one."""
+    from lisa_align.config import FinetuneStage
+    from lisa_align.training.run import training_arguments
+
+    stage = FinetuneStage(lr=2e-3, max_steps=5, batch_size=2, lora=None)
+    assert stage.scheduler == "constant" and stage.warmup_ratio == 0.1  # the defaults are the reference's
+    args = training_arguments(stage, tmp_path, seed=0, use_cpu=True)
+    model = torch.nn.Linear(2, 2)
+    trainer = BaseTrainer(model=model, args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=100)
+    rates = []
+    for _ in range(3):
+        rates.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert rates == [2e-3, 2e-3, 2e-3]

@@ -113,6 +113,23 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """The resolved config and the plan of a run, without training (and without data unless asked)."""
+    from lisa_align.config import load_config
+    from lisa_align.plan import format_plan, make_plan
+
+    cfg = load_config(args.config, _overrides(args))
+    data = None
+    if args.load_data:
+        from lisa_align.pipeline import load_run_data
+
+        d = load_run_data(cfg)
+        data = {"user": d.user, "alignment": d.alignment, "harmful": d.harmful, "eval_harmful": d.eval_harmful,
+                "eval_task": d.eval_task, "eval_benign": d.eval_benign}
+    print(format_plan(cfg, make_plan(cfg, processes=args.processes, data=data), processes=args.processes))
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from lisa_align.sweep import plan, submit, write_slurm
 
@@ -155,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="reuse a run dir whose config differs")
     r.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP + "; sets model.allow_pickle=true")
     r.set_defaults(func=cmd_run)
+    pl = sub.add_parser("plan", help="print the resolved config and the plan (stages, rows, T, switch steps, "
+                                     "scheduler and warm-up) without training")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*", help="key.path=value, e.g. data.p=0.2")
+    pl.add_argument("--processes", type=int, default=1, help="data-parallel processes (the global batch grows)")
+    pl.add_argument("--load-data", action="store_true", help="read the data sources for the real row counts")
+    pl.set_defaults(func=cmd_plan)
     w = sub.add_parser("sweep", help="expand a grid of runs and run them (local, in sequence) or submit a Slurm array")
     w.add_argument("config")
     w.add_argument("--grid", nargs="+", action="extend", default=[],

@@ -8,6 +8,7 @@ bottom of the package: it imports no torch, transformers or peft (a test checks 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lisa_align.data.hs_protocols import HSProtocol, hs_prompt_spec
 from lisa_align.data.sources import SourceSpec
 from lisa_align.defenses import DEFENSES, Defense, LisaSettings, defense_names
 from lisa_align.defenses.registry import suggest as _suggest
@@ -166,8 +168,36 @@ class AlignStage(StageSettings):
 
 
 class FinetuneStage(StageSettings):
+    scheduler: str = Field("constant", description="the reference's: a flat learning rate from step 0 ('constant' "
+                           "ignores warmup_ratio, as the reference's --warmup_ratio 0.1 is ignored there)")
     methods: list[FinetuneDefense] = Field(default_factory=lambda: [DEFENSES["sft"](), DEFENSES["lisa"]()])
     lisa: LisaSettings = Field(default_factory=LisaSettings)
+    defaults: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="settings every method of a defense gets unless it sets its own, "
+        "e.g. {vlguard: {mode: append}} (so a sweep's bare 'vlguard' runs that way)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_defaults(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or not raw.get("defaults"):
+            return raw
+        defaults = raw["defaults"]
+        if not isinstance(defaults, dict):
+            raise ValueError("defaults maps a defense name to its settings, e.g. {vlguard: {mode: append}}")
+        names = defense_names("finetune")
+        for name, settings in defaults.items():
+            if name not in names:
+                raise ValueError(f"defaults: unknown method '{name}': use one of {', '.join(names)}"
+                                 f"{_suggest(str(name), names)}")
+            if not isinstance(settings, dict):
+                raise ValueError(f"defaults.{name}: a mapping of {name}'s settings (got {settings!r})")
+        methods = []
+        for m in raw.get("methods") or []:
+            entry = {"name": m} if isinstance(m, str) else m
+            if isinstance(entry, dict) and entry.get("name") in defaults:
+                entry = {**defaults[entry["name"]], **{k: v for k, v in entry.items() if v is not None}}
+            methods.append(entry)
+        return {**raw, "methods": methods}
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -203,7 +233,7 @@ class FinetuneStage(StageSettings):
 
 class DataSettings(_Strict):
     task: Literal["sst2", "agnews", "gsm8k", "alpaca_eval"] = "sst2"
-    max_length: int = 512
+    max_length: int = Field(2048, description="the longest tokenised row (the reference's model_max_length)")
     n: int = 5000
     p: float = 0.1
     user: SourceSpec = Field(default_factory=lambda: SourceSpec(source="stanfordnlp/sst2", split="train"))
@@ -237,6 +267,18 @@ class DataSettings(_Strict):
 class EvalSettings(_Strict):
     judge: str = "beaverdam"
     judge_model: str | None = None
+    judge_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="the judge model's dtype (BeaverDam, Llama Guard): float32 as the reference; "
+        "auto: bfloat16 on CUDA, float32 on CPU")
+    judge_append_eos: bool = Field(True, description="BeaverDam: append the tokenizer's EOS text to each input, "
+                                   "as the reference")
+    judge_use_fast: bool = Field(False, description="BeaverDam: false asks for the slow tokenizer, as the reference "
+                                 "(the fast one, with a warning, when none can be built)")
+    fa_rule: Literal["exact", "lenient"] = Field(
+        "exact", description="FA: exact (the reference: the whole stripped answer is the label word) or lenient "
+        "(first line, punctuation and case ignored); metrics.json has both (fa, fa_lenient)")
+    cut_at_response_marker: bool = Field(True, description="the judge and the exact FA rule see the answer cut at "
+                                         "its first '### Response:', as the reference; the saved answer is full")
     pairwise_judge: str = Field("local", description="alpaca_eval win-rate judge (a registered pairwise judge)")
     pairwise_judge_model: str | None = Field(None, description="local HF causal LM (path or id) for the pairwise "
                                              "judge; None: save the generations only, judge later")
@@ -254,6 +296,23 @@ class EvalSettings(_Strict):
     max_new_tokens_benign: int = 128
     models: list[str] = Field(default_factory=lambda: ["aligned", "methods"],
                               description="which models to evaluate: base, aligned, methods")
+    hs_protocol: HSProtocol = Field("lisa", description="the HS prompts: lisa (the first 1000 rows of eval.harmful, "
+                                    "unfiltered), booster (the first 1000 unsafe), vaccine (the first 500 unsafe), "
+                                    "custom (eval.harmful as written); a protocol sets eval.harmful's filter, n "
+                                    "and sample (data/hs_protocols.py)")
+    dedup_prompts: bool = Field(False, description="keep the first row of each distinct harmful prompt "
+                                "(of the protocol's rows)")
+    drop_overlap: bool = Field(False, description="drop evaluation rows whose prompt occurs in the training rows "
+                               "(the reference keeps them)")
+
+    @model_validator(mode="after")
+    def _hs_prompts(self):
+        """eval.harmful under eval.hs_protocol, resolved here so config.yaml holds the rows really used."""
+        written = self.harmful.model_fields_set if "harmful" in self.model_fields_set else set()
+        spec = hs_prompt_spec(self.hs_protocol, self.harmful, written)
+        if spec is not self.harmful:
+            self.__dict__["harmful"] = spec  # not an assignment: eval.harmful stays unwritten when it was
+        return self
 
     @field_validator("judge")
     @classmethod
@@ -442,6 +501,37 @@ def config_to_dict(cfg: RunConfig) -> dict:
     return cfg.model_dump(mode="json")
 
 
+# Settings that arrived with the reference's protocol as the default. A config.yaml written before has
+# none of them, and its run used the earlier behaviour, which these values name.
+LEGACY_SETTINGS = {("eval", "hs_protocol"): "custom", ("eval", "drop_overlap"): True,
+                   ("eval", "fa_rule"): "lenient", ("eval", "cut_at_response_marker"): False,
+                   ("eval", "judge_dtype"): "auto", ("eval", "judge_append_eos"): False,
+                   ("eval", "judge_use_fast"): True, ("data", "user", "sample"): "random",
+                   ("data", "harmful", "sample"): "random"}
+
+
+def upgrade_saved_config(raw: dict) -> dict:
+    """A saved config.yaml as the current release reads it: one written before ``eval.hs_protocol``
+    existed gets the settings that reproduce what that run did (random user rows, overlap removed,
+    lenient FA, Vlguard appended, ...), so it compares equal to the same run configured today."""
+    if not isinstance(raw, dict) or "hs_protocol" in (raw.get("eval") or {}):
+        return raw
+    raw = json.loads(json.dumps(raw))
+    for path, value in LEGACY_SETTINGS.items():
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(path[-1], value)
+    for m in (raw.get("finetune") or {}).get("methods") or []:
+        if isinstance(m, dict) and m.get("name") == "vlguard":
+            m.setdefault("mode", "append")
+    if isinstance(raw.get("finetune"), dict):
+        raw["finetune"]["methods"] = [{"name": "vlguard", "mode": "append"} if m == "vlguard" else m
+                                      for m in raw["finetune"].get("methods") or []]
+    return raw
+
+
 def config_diff(cfg: RunConfig) -> list[str]:
     """How ``cfg`` differs from the config saved in its run folder ("key: old -> new"; empty if none).
     The saved one is read through the current schema first, so a folder written by an older release
@@ -449,7 +539,7 @@ def config_diff(cfg: RunConfig) -> list[str]:
     path = cfg.rundir.config
     if not path.exists():
         return []
-    old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    old = upgrade_saved_config(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
     try:
         old = config_to_dict(validate_config(old, str(path)))
     except LisaError:

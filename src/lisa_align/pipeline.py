@@ -23,7 +23,7 @@ from accelerate import PartialState
 from transformers import set_seed
 
 from lisa_align.config import RunConfig, config_diff, config_to_dict, validate_config
-from lisa_align.data.mixing import mix_harmful, remove_overlap
+from lisa_align.data.mixing import dedup_prompts, mix_harmful, remove_overlap
 from lisa_align.data.sources import load_rows
 from lisa_align.defenses import Defense
 from lisa_align.errors import LisaError
@@ -60,8 +60,10 @@ class RunData:
     eval_harmful: list[dict]
     eval_task: list[dict]
     eval_benign: list[dict] = field(default_factory=list)
-    dropped_overlap: dict[str, int] = field(default_factory=dict)
+    dropped_overlap: dict[str, int] = field(default_factory=dict)  # eval set -> rows dropped (eval.drop_overlap)
     harmful: list[dict] = field(default_factory=list)  # the harmful source (user rows mix round(p·n) of them)
+    hs_protocol: str = "custom"  # eval.hs_protocol: which rows of eval.harmful are the HS prompts
+    dropped_duplicates: int = 0  # HS prompts left out as repeats (eval.dedup_prompts)
 
     def roles(self) -> dict[str, list[dict]]:
         """The data a defense may need, by role (``Defense.needs``)."""
@@ -69,20 +71,32 @@ class RunData:
 
 
 def load_run_data(cfg: RunConfig) -> RunData:
-    d = cfg.data
+    """Every data set of a run: the user set (data.n rows, round(p·n) harmful, chosen by each source's
+    ``sample``), the alignment rows and the evaluation sets. The HS prompts are eval.harmful as
+    ``eval.hs_protocol`` resolved it, deduplicated with ``eval.dedup_prompts``; with ``eval.drop_overlap``
+    evaluation rows whose prompt occurs in the training rows are dropped (counted in ``dropped_overlap``)."""
+    d, e = cfg.data, cfg.eval
     benign = load_rows(d.user)
     harmful = load_rows(d.harmful)
-    user = mix_harmful(benign, harmful, n=d.n, p=d.p, seed=cfg.seed,
-                       benign_name=d.user.describe(), harmful_name=d.harmful.describe())
+    user = mix_harmful(benign, harmful, n=d.n, p=d.p, seed=cfg.seed, benign_sample=d.user.sample,
+                       harmful_sample=d.harmful.sample, benign_name=d.user.describe(),
+                       harmful_name=d.harmful.describe())
     alignment = [r for spec in d.alignment for r in load_rows(spec)]
     train = user + alignment
-    out = RunData(user=user, alignment=alignment, eval_harmful=[], eval_task=[], harmful=harmful)
-    for name, spec in (("harmful", cfg.eval.harmful), ("task", cfg.eval.task), ("benign", cfg.eval.benign)):
+    out = RunData(user=user, alignment=alignment, eval_harmful=[], eval_task=[], harmful=harmful,
+                  hs_protocol=e.hs_protocol)
+    for name, spec in (("harmful", e.harmful), ("task", e.task), ("benign", e.benign)):
         if spec is None:
             continue
-        rows, dropped = remove_overlap(load_rows(spec), train)
+        rows = load_rows(spec)
+        if name == "harmful" and e.dedup_prompts:
+            rows, out.dropped_duplicates = dedup_prompts(rows)
+        if e.drop_overlap:
+            rows, out.dropped_overlap[name] = remove_overlap(rows, train)
+            if not rows:
+                raise LisaError(f"every eval.{name} row occurs in the training data ({spec.describe()}); "
+                                "use other evaluation rows or set eval.drop_overlap: false")
         setattr(out, f"eval_{name}", rows)
-        out.dropped_overlap[name] = dropped
     return out
 
 
@@ -155,6 +169,7 @@ class Pipeline:
             self._log({LOG_EVENT: EVENT_DATA, "user": len(d.user), "harmful_in_user": sum(r["harmful"] for r in d.user),
                        "alignment": len(d.alignment), "eval_harmful": len(d.eval_harmful),
                        "eval_task": len(d.eval_task), "eval_benign": len(d.eval_benign),
+                       "hs_protocol": d.hs_protocol, "eval_harmful_duplicates_dropped": d.dropped_duplicates,
                        "eval_rows_dropped_as_overlap": d.dropped_overlap})
         return self._data
 
@@ -297,12 +312,15 @@ class Pipeline:
             generator = None
         judge_kwargs = {"model_name_or_path": e.judge_model} if e.judge_model else {}
         judge_kwargs |= allow_pickle_kwargs(JUDGES.get(judge_key(e.judge)), self.cfg.model.allow_pickle)
+        judge_options = {"dtype": e.judge_dtype, "append_eos": e.judge_append_eos, "use_fast": e.judge_use_fast}
         metrics = evaluate_model(
-            model, tok, out_dir=out.path, judge=get_judge(e.judge, **judge_kwargs), harmful_rows=data.eval_harmful,
+            model, tok, out_dir=out.path, judge=get_judge(e.judge, options=judge_options, **judge_kwargs),
+            harmful_rows=data.eval_harmful,
             task_rows=data.eval_task, task=self.cfg.data.task, benign_rows=data.eval_benign or None,
             batch_size=e.batch_size, max_new_tokens_harmful=e.max_new_tokens_harmful,
             max_new_tokens_task=e.max_new_tokens_task, max_new_tokens_benign=e.max_new_tokens_benign,
-            pairwise_judge=self._pairwise_judge(), generator=generator)
+            pairwise_judge=self._pairwise_judge(), generator=generator, fa_rule=e.fa_rule,
+            cut_at_response_marker=e.cut_at_response_marker)
         self._timed(f"evaluate {key}", t0)
         return metrics
 
