@@ -17,7 +17,7 @@ from lisa_align.config import (
     load_config,
     validate_config,
 )
-from lisa_align.defenses import BSO, EWC, NASFT, SFT, Defense, Lisa, Vlguard
+from lisa_align.defenses import BSO, EWC, NASFT, SFT, Defense, EWCFreshLoRA, Lisa, Vlguard
 from lisa_align.errors import LisaError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,7 +255,9 @@ def test_new_methods_resolve():
 def test_method_defaults_of_the_reference():
     assert Vlguard().alignment_rows == 1000
     assert Vlguard(alignment_rows=7).alignment_rows == 7
-    assert EWC().ewc_lambda == 0.001 and EWC().training_arguments() == {"ewc_lambda": 0.001}
+    assert EWC().ewc_lambda == 0.001 and EWC.adapter == "continue"  # the reference's EWC: single LoRA, summed Fisher
+    assert EWC().training_arguments() == {"ewc_lambda": 0.001, "fisher_reduction": "sum", "fisher_mode": "train"}
+    assert EWCFreshLoRA().training_arguments() == {"ewc_lambda": 0.001, "fisher_reduction": "mean", "fisher_mode": "eval"}
     assert EWC(ewc_lambda=0.5).ewc_lambda == 0.5
     assert NASFT().starts_from == "base" and SFT().training_arguments() == {}
 
@@ -307,3 +309,17 @@ def test_a_run_folder_of_an_older_release_is_the_same_config(tmp_path):
     old["align"]["vaccine_rho"] = 3.0
     cfg.rundir.config.write_text(yaml.safe_dump(old))
     assert config_diff(cfg) == ["align.method.rho: 3.0 -> 2.0"]
+
+
+def test_a_saved_config_of_an_earlier_release_reads_with_the_settings_its_run_used():
+    from lisa_align.config import upgrade_saved_config
+
+    old = {"eval": {"judge": "refusal"}, "data": {"user": {"source": "synthetic:sst2"}},
+           "finetune": {"methods": ["sft", "vlguard", {"name": "ewc", "ewc_lambda": 0.5}]}}
+    cfg = validate_config(upgrade_saved_config(old))
+    assert (cfg.eval.hs_protocol, cfg.eval.drop_overlap, cfg.eval.fa_rule) == ("custom", True, "lenient")
+    assert cfg.data.user.sample == cfg.data.harmful.sample == "random"
+    sft, vlguard, ewc = cfg.finetune.methods
+    assert vlguard.mode == "append" and (ewc.name, ewc.key, ewc.ewc_lambda) == ("ewc_fresh_lora", "ewc", 0.5)
+    new = config_to_dict(validate_config({}))
+    assert upgrade_saved_config(new) == new  # a config of this release is read as written

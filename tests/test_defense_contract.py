@@ -35,12 +35,15 @@ class Case:
     changes: dict = field(default_factory=dict)  # micro config changes the defense needs
 
 
+# The reference's EWC continues the alignment LoRA (finetune.adapter: continue), so its run aligns with one.
+ALIGNMENT_LORA = {"align.lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}
 # Lisa (rho=20) and EWC (lambda=1e6) are set strong enough that a resume which lost their checkpointed
 # state (the anchor; w0 and the Fisher) ends measurably elsewhere: the resume check would fail.
 CONTRACT = {
     "na_sft": Case(bad={"k1": 3}, error="'k1' is not a setting of na_sft"),
     "sft": Case(bad={"rho": 1.0}, error="'rho' is not a setting of sft"),
-    "ewc": Case({"ewc_lambda": 1e6}, bad={"ewc_lambda": -1}, error="ewc_lambda"),
+    "ewc": Case({"ewc_lambda": 1e6}, bad={"ewc_lambda": -1}, error="ewc_lambda", changes=ALIGNMENT_LORA),
+    "ewc_fresh_lora": Case({"ewc_lambda": 1e6}, bad={"ewc_lambda": -1}, error="ewc_lambda"),
     "vlguard": Case({"alignment_rows": 8}, bad={"alignment_rows": 99},
                     error="alignment_rows=99 but the alignment data has 16 rows"),
     "bso": Case(bad={"rho": 1.0}, error="bso is Lisa with rho=0"),
@@ -73,7 +76,10 @@ def _config(micro, name: str, settings: dict, run: str = "micro", **changes) -> 
 
 
 def _weights(path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
+    """A model's weights, or an adapter's (a LoRA fine-tune, or the alignment LoRA it continues)."""
+    path = Path(path)
+    return load_file(str(path / ("model.safetensors" if (path / "model.safetensors").is_file()
+                                 else "adapter_model.safetensors")))
 
 
 def _output(cfg, name: str):
@@ -88,8 +94,12 @@ def test_trains_writes_its_artifacts_and_resumes_exactly(micro, name, monkeypatc
     pipe.run()
     out = _output(straight, name)
     trained = _weights(out)
-    start = pipe.ensure_start_model(straight.finetune.methods[0]) if _stage(name) == "finetune" else pipe.ensure_base()
-    before = _weights(Path(start))
+    method = straight.finetune.methods[0] if _stage(name) == "finetune" else None
+    if method is not None and pipe.continues_alignment(method):
+        start = pipe.ensure_alignment_adapter()  # the LoRA it continues
+    else:
+        start = pipe.ensure_start_model(method) if method is not None else pipe.ensure_base()
+    before = _weights(start)
     moved = max((trained[k].float() - before[k].float()).abs().max().item() for k in trained if k in before)
     assert moved > 1e-4, "the defense did not train"
     if _stage(name) == "finetune":

@@ -161,3 +161,41 @@ def test_deepspeed_puts_the_pull_in_the_loss_and_zero3_is_refused(tmp_path, monk
         _trainer(tmp_path)
     with pytest.raises(LisaError, match="ewc_mode='sum'"):
         _args(tmp_path, ewc_mode="sum")
+
+
+def test_the_references_fisher_is_the_sum_in_train_mode(tmp_path):
+    """fisher_reduction: sum (the reference sums the squared batch gradients) and fisher_mode: train (it
+    measures with dropout on): twice the mean over the two batches here, and the model in train mode."""
+    mean = _trainer(tmp_path / "m").compute_fisher()
+    trainer = _trainer(tmp_path / "s", fisher_reduction="sum", fisher_mode="train")
+    modes = []
+    trainer.model.register_forward_pre_hook(lambda m, a: modes.append(m.training))
+    total = trainer.compute_fisher()
+    assert modes and all(modes)  # measured in train mode (the tiny model has no dropout: same gradients)
+    for s, m in zip(total, mean):
+        torch.testing.assert_close(s, 2 * m, rtol=1e-5, atol=1e-12)
+    with pytest.raises(LisaError, match="fisher_reduction='max'"):
+        _args(tmp_path, fisher_reduction="max")
+
+
+def test_lora_a_has_fisher_only_under_a_continued_adapter(tmp_path):
+    """At a fresh LoRA, lora_B = 0, so no gradient reaches lora_A and its Fisher is exactly 0 (the pull
+    then acts on lora_B alone); the continued alignment LoRA (B trained, non-zero) gives lora_A a Fisher."""
+    from lisa_align.config import LoraSettings
+    from lisa_align.models.lora import attach_lora
+
+    def fisher_of_lora_a(model):
+        trainer = EWCTrainer(model=model, args=_args(tmp_path, fisher_reduction="sum", fisher_mode="train"),
+                             train_dataset=_data(8, 10, 1), fisher_dataset=_data(8, 25, 2), data_collator=_collate)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        return [f for n, f in zip(names, trainer.compute_fisher()) if "lora_A" in n]
+
+    lora = LoraSettings(r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    fresh = attach_lora(_model(), lora)
+    assert all(float(f.abs().max()) == 0.0 for f in fisher_of_lora_a(fresh))
+    continued = attach_lora(_model(), lora)
+    with torch.no_grad():
+        for n, p in continued.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))  # as an alignment LoRA after training
+    assert all(float(f.abs().max()) > 0 for f in fisher_of_lora_a(continued))

@@ -127,11 +127,44 @@ def test_vaccine_alignment_then_lisa(monkeypatch, align_method, micro):
 
 
 def test_ewc_runs_in_the_pipeline(micro):
-    cfg = validate_config(micro(**{"finetune.methods": [{"name": "ewc", "ewc_lambda": 0.5}],
+    cfg = validate_config(micro(**{"finetune.methods": [{"name": "ewc_fresh_lora", "ewc_lambda": 0.5, "label": "ewc"}],
                                    "eval.models": ["methods"]}))
     summary = Pipeline(cfg, echo=lambda *_: None).run()
     assert set(summary) == {"ewc"}
     assert (cfg.run_dir / "finetune" / "ewc" / "adapter" / "model.safetensors").exists()
+
+
+ALIGN_LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+def test_continue_fine_tunes_the_alignment_lora(micro):
+    """finetune.adapter: continue (the reference's single-LoRA mode): the alignment LoRA is kept beside the
+    merged model and fine-tuned itself on the base; Lisa's anchor is that adapter's weights; evaluation
+    merges the continued adapter into the base. The reference's EWC always continues."""
+    from safetensors.torch import load_file
+
+    cfg = validate_config(micro(**{"align.lora": ALIGN_LORA, "finetune.adapter": "continue",
+                                   "finetune.lora": {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj"]},
+                                   "finetune.methods": ["lisa", "ewc"], "eval.models": ["aligned", "methods"]}))
+    said: list[str] = []
+    pipe = Pipeline(cfg, echo=said.append)
+    summary = pipe.run()
+    assert set(summary) == {"aligned", "lisa", "ewc"}
+    start = load_file(str(cfg.rundir.aligned / "alignment_adapter" / "adapter_model.safetensors"))
+    for key in ("lisa", "ewc"):
+        tuned = load_file(str(cfg.rundir.adapter(key) / "adapter_model.safetensors"))
+        assert tuned.keys() == start.keys()  # the alignment LoRA (q and v, r=4), not a new q-only r=2 one
+        assert any("v_proj" in k for k in tuned) and tuned[next(iter(tuned))].shape == start[next(iter(start))].shape
+        assert max((tuned[k] - start[k]).abs().max().item() for k in tuned) > 1e-4
+        assert pipe.ensure_start_model(cfg.finetune.method(key)) == pipe.ensure_base()
+    assert any("finetune lisa:" in s and "continuing the alignment LoRA" in s for s in said)
+
+
+def test_continue_needs_an_alignment_lora(micro):
+    from lisa_align.errors import LisaError
+
+    with pytest.raises(LisaError, match=r"ewc\) fine-tunes the alignment LoRA itself.*set align.lora.*ewc_fresh_lora"):
+        validate_config(micro(**{"finetune.methods": ["ewc"]}))  # the micro config aligns without LoRA
 
 
 def test_vlguard_needs_enough_alignment_rows(micro):
@@ -198,3 +231,13 @@ def test_vlguard_replace_keeps_n_rows_and_the_data_record_names_the_hs_protocol(
     assert data["hs_protocol"] == pipe.load_data().hs_protocol == "lisa"  # the micro config's eval.harmful: n=6
     assert data["eval_harmful"] == 6 and data["eval_rows_dropped_as_overlap"] == {}
     assert data["eval_harmful_duplicates_dropped"] == 0
+
+
+def test_metrics_record_how_the_rows_were_chosen(micro):
+    cfg = validate_config(micro(**{"finetune.methods": ["sft"], "eval.models": ["base"], "eval.drop_overlap": True}))
+    said: list[str] = []
+    Pipeline(cfg, echo=said.append).run()
+    metrics = json.loads((cfg.run_dir / "eval" / "base" / "metrics.json").read_text())
+    assert metrics["hs_protocol"] == cfg.eval.hs_protocol and metrics["drop_overlap"] is True
+    assert metrics["fa_rule"] == "exact" and set(metrics["eval_rows_dropped_as_overlap"]) == {"harmful", "task", "benign"}
+    assert any(s.startswith("[lisa] eval.drop_overlap: dropped ") for s in said)

@@ -172,6 +172,9 @@ class FinetuneStage(StageSettings):
                            "ignores warmup_ratio, as the reference's --warmup_ratio 0.1 is ignored there)")
     methods: list[FinetuneDefense] = Field(default_factory=lambda: [DEFENSES["sft"](), DEFENSES["lisa"]()])
     lisa: LisaSettings = Field(default_factory=LisaSettings)
+    adapter: Literal["new", "continue"] = Field(
+        "new", description="new: a new LoRA (finetune.lora) on the merged aligned model; continue: fine-tune the "
+        "alignment LoRA itself on the base (the reference's single-LoRA mode; needs align.lora)")
     defaults: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="settings every method of a defense gets unless it sets its own, "
         "e.g. {vlguard: {mode: append}} (so a sweep's bare 'vlguard' runs that way)")
@@ -222,6 +225,10 @@ class FinetuneStage(StageSettings):
     def resolved(self) -> list[Defense]:
         """The methods with their defaults filled in (e.g. Lisa's K1, K2, rho from ``finetune.lisa``)."""
         return [m.resolve(self) for m in self.methods]
+
+    def adapter_of(self, method: Defense) -> str:
+        """``continue`` when ``method`` trains the alignment LoRA itself, else ``new``."""
+        return method.adapter or self.adapter
 
     def method(self, key: str) -> Defense:
         """The resolved method whose run folder is ``key``."""
@@ -358,6 +365,16 @@ class RunConfig(_Strict):
     slurm: SlurmSettings = Field(default_factory=SlurmSettings)
     sweep: SweepSettings = Field(default_factory=SweepSettings)
     use_cpu: bool = False
+
+    @model_validator(mode="after")
+    def _continue_needs_an_alignment_lora(self):
+        for i, m in enumerate(self.finetune.methods):
+            if self.finetune.adapter_of(m) == "continue" and (not self.align.enabled or self.align.lora is None):
+                why = "finetune.adapter is continue" if m.adapter is None else f"{m.name} does so (the reference's)"
+                raise ValueError(f"finetune.methods.{i} ({m.key}) fine-tunes the alignment LoRA itself ({why}), "
+                                 "so the alignment must train a LoRA: set align.lora (and align.enabled: true), "
+                                 "or use finetune.adapter: new" + (", or ewc_fresh_lora" if m.name == "ewc" else ""))
+        return self
 
     @model_validator(mode="after")
     def _check_eval_models(self):
@@ -523,12 +540,16 @@ def upgrade_saved_config(raw: dict) -> dict:
             node = node.setdefault(part, {}) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.setdefault(path[-1], value)
-    for m in (raw.get("finetune") or {}).get("methods") or []:
-        if isinstance(m, dict) and m.get("name") == "vlguard":
-            m.setdefault("mode", "append")
     if isinstance(raw.get("finetune"), dict):
-        raw["finetune"]["methods"] = [{"name": "vlguard", "mode": "append"} if m == "vlguard" else m
-                                      for m in raw["finetune"].get("methods") or []]
+        methods = []
+        for m in raw["finetune"].get("methods") or []:
+            m = {"name": m} if isinstance(m, str) else m
+            if isinstance(m, dict) and m.get("name") == "vlguard":
+                m.setdefault("mode", "append")
+            if isinstance(m, dict) and m.get("name") == "ewc":  # then a fresh LoRA and the mean Fisher
+                m = {**m, "name": "ewc_fresh_lora", "label": m.get("label") or "ewc"}
+            methods.append(m)
+        raw["finetune"]["methods"] = methods
     return raw
 
 

@@ -36,6 +36,7 @@ from lisa_align.io import append_jsonl, atomic_write_json, atomic_write_yaml, is
 from lisa_align.models.loading import allow_pickle_kwargs, load_model_and_tokenizer
 from lisa_align.models.lora import load_adapter, merge
 from lisa_align.rundir import (
+    ALIGNMENT_ADAPTER_DIR,
     EVENT_DATA,
     EVENT_MODEL,
     EVENT_STAGE_DONE,
@@ -171,6 +172,10 @@ class Pipeline:
                        "eval_task": len(d.eval_task), "eval_benign": len(d.eval_benign),
                        "hs_protocol": d.hs_protocol, "eval_harmful_duplicates_dropped": d.dropped_duplicates,
                        "eval_rows_dropped_as_overlap": d.dropped_overlap})
+            if self.cfg.eval.drop_overlap:
+                self.echo("[lisa] eval.drop_overlap: dropped " + ", ".join(f"{v} {k}" for k, v in
+                                                                          d.dropped_overlap.items())
+                          + " evaluation rows whose prompt occurs in the training data")
         return self._data
 
     # ---- models -----------------------------------------------------------------------------
@@ -215,14 +220,35 @@ class Pipeline:
                                max_length=self.cfg.data.max_length, use_cpu=_use_cpu(self.cfg),
                                log_path=self.rundir.log, log_tag="align")
         if self.is_main:
-            save_atomically(out, merge(model), tok)
+            extra = {}
+            if a.lora is not None:  # the LoRA itself too, for fine-tuning that continues it
+                model.save_pretrained(work / ALIGNMENT_ADAPTER_DIR, safe_serialization=True)
+                extra[ALIGNMENT_ADAPTER_DIR] = work / ALIGNMENT_ADAPTER_DIR
+            save_atomically(out, merge(model), tok, extra=extra)
             shutil.rmtree(work, ignore_errors=True)
         self._wait()
         self._timed("align", t0)
         return str(out)
 
+    def ensure_alignment_adapter(self) -> Path:
+        """The alignment LoRA before its merge (``finetune.adapter: continue``), aligning first if needed."""
+        adapter = Path(self.ensure_aligned()) / ALIGNMENT_ADAPTER_DIR
+        if not (adapter / "adapter_config.json").is_file():
+            raise LisaError(f"{adapter.parent} holds no {ALIGNMENT_ADAPTER_DIR}/ (aligned by an earlier release, or "
+                            "without align.lora), which finetune.adapter: continue trains: delete that folder to "
+                            "align again, or use finetune.adapter: new")
+        return adapter
+
+    def continues_alignment(self, method: Defense) -> bool:
+        """Whether ``method`` fine-tunes the alignment LoRA itself (on the base) rather than a new LoRA."""
+        return self.cfg.finetune.adapter_of(method) == "continue"
+
     def ensure_start_model(self, method: Defense) -> str:
-        """The model a method fine-tunes (``Defense.starts_from``): the base or the aligned model."""
+        """The model a method fine-tunes (``Defense.starts_from``): the base or the aligned model; the base
+        (under the alignment LoRA it continues) for ``finetune.adapter: continue``."""
+        if self.continues_alignment(method):
+            self.ensure_alignment_adapter()
+            return self.ensure_base()
         return self.ensure_base() if method.starts_from == "base" else self.ensure_aligned()
 
     def ensure_finetuned(self, method: Defense) -> Path:
@@ -236,9 +262,14 @@ class Pipeline:
         rows = method.training_rows(data.user, data.roles())
         t0 = time.time()
         model, tok = self._load(start)
+        continues = self.continues_alignment(method)
+        if continues:
+            model = load_adapter(model, str(self.ensure_alignment_adapter()), is_trainable=True,
+                                 allow_pickle=self.cfg.model.allow_pickle)
         self.echo(f"[lisa] finetune {method.key}: {len(rows)} rows (n={len(data.user)}, p={self.cfg.data.p})"
-                  + method.describe())
+                  + method.describe() + (", continuing the alignment LoRA" if continues else ""))
         model, trainer = train_stage(model, tok, rows, self.cfg.finetune, self.rundir.trainer(method.key),
+                                     attach_adapter=not continues,
                                      defense=method, data=data.roles(), seed=self.cfg.seed,
                                      max_length=self.cfg.data.max_length, use_cpu=_use_cpu(self.cfg),
                                      log_path=self.rundir.log, log_tag=finetune_stage(method.key))
@@ -320,7 +351,9 @@ class Pipeline:
             batch_size=e.batch_size, max_new_tokens_harmful=e.max_new_tokens_harmful,
             max_new_tokens_task=e.max_new_tokens_task, max_new_tokens_benign=e.max_new_tokens_benign,
             pairwise_judge=self._pairwise_judge(), generator=generator, fa_rule=e.fa_rule,
-            cut_at_response_marker=e.cut_at_response_marker)
+            cut_at_response_marker=e.cut_at_response_marker,
+            protocol={"hs_protocol": data.hs_protocol, "dedup_prompts": e.dedup_prompts,
+                      "drop_overlap": e.drop_overlap, "eval_rows_dropped_as_overlap": data.dropped_overlap})
         self._timed(f"evaluate {key}", t0)
         return metrics
 
@@ -377,10 +410,10 @@ def run_sweep(runs: list[dict], echo=print) -> list[dict]:
     return results
 
 
-def save_atomically(out: Path, model, tokenizer) -> None:
-    """Write a stage's model and tokenizer under a temporary name, then rename: ``out`` is complete or
-    absent (or still the previous one). Non-finite weights are not saved; a full disk removes the
-    temporary folder and raises a one-line LisaError."""
+def save_atomically(out: Path, model, tokenizer, extra: dict[str, Path] | None = None) -> None:
+    """Write a stage's model and tokenizer (and the ``extra`` folders, copied in by name) under a
+    temporary name, then rename: ``out`` is complete or absent (or still the previous one). Non-finite
+    weights are not saved; a full disk removes the temporary folder and raises a one-line LisaError."""
     bad = first_nonfinite_weight(model)
     if bad is not None:
         raise LisaError(f"{out}: the trained weights hold {bad[1]} (in {bad[0]}), so they were not saved; "
@@ -390,6 +423,8 @@ def save_atomically(out: Path, model, tokenizer) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for name, folder in (extra or {}).items():
+            shutil.copytree(folder, tmp / name)
     except BaseException as e:
         full = isinstance(e, Exception) and is_disk_full(e, tmp)
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written copy behind

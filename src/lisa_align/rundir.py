@@ -4,6 +4,7 @@
 
     RUN_DIR/config.yaml                  the resolved config
     RUN_DIR/aligned/                     the aligned model (LoRA merged; safetensors) + tokenizer
+    RUN_DIR/aligned/alignment_adapter/   the alignment LoRA unmerged (finetune.adapter: continue)
     RUN_DIR/finetune/<key>/adapter/      the fine-tuned adapter (or full model)
     RUN_DIR/finetune/<key>/trainer/      Trainer checkpoints (resume)
     RUN_DIR/finetune/<key>/<artifact>    a defense's extra files (Lisa: lisa_switches.json)
@@ -32,6 +33,7 @@ METRICS_FILE = "metrics.json"
 PREDICTIONS_DIR = "predictions"
 ALIGNED_DIR = "aligned"
 SHARED_ALIGNED_DIR = "_aligned"  # a sweep's aligned models, shared by its runs
+ALIGNMENT_ADAPTER_DIR = "alignment_adapter"  # inside the aligned model's folder: its LoRA, before the merge
 
 # ---- log.jsonl: the keys of its records ----------------------------------------------------------
 LOG_EVENT = "event"  # bookkeeping records carry an event name; training records carry "stage" + "step"

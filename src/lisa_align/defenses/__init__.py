@@ -8,7 +8,7 @@ add it to the registry below (one line; the order is the report's row order), an
 """
 
 from lisa_align.defenses.base import Defense, Stage
-from lisa_align.defenses.ewc import EWC
+from lisa_align.defenses.ewc import EWC, EWCFreshLoRA
 from lisa_align.defenses.lisa import BSO, Lisa, LisaSettings, validate_lisa_settings
 from lisa_align.defenses.na_sft import NASFT
 from lisa_align.defenses.registry import DEFENSES, defense_names, get_defense, load_class, register
@@ -21,6 +21,7 @@ for _defense in (
     NASFT,
     SFT,
     EWC,
+    EWCFreshLoRA,
     Vlguard,
     BSO,
     Lisa,
@@ -29,5 +30,6 @@ for _defense in (
 ):
     register(_defense)
 
-__all__ = ["BSO", "DEFENSES", "EWC", "NASFT", "SFT", "Defense", "Lisa", "LisaSettings", "RandomVaccine", "Stage",
-           "Vaccine", "Vlguard", "defense_names", "get_defense", "load_class", "register", "validate_lisa_settings"]
+__all__ = ["BSO", "DEFENSES", "EWC", "EWCFreshLoRA", "NASFT", "SFT", "Defense", "Lisa", "LisaSettings",
+           "RandomVaccine", "Stage", "Vaccine", "Vlguard", "defense_names", "get_defense", "load_class", "register",
+           "validate_lisa_settings"]

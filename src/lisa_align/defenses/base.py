@@ -9,6 +9,8 @@ defense is one module (a subclass of :class:`Defense`), one line in the registry
   (``finetune.methods``) or ``post`` (post-fine-tuning transforms: the stage is declared here and
   arrives with the first post-fine-tuning defense).
 - ``starts_from``: the model a fine-tuning defense trains: ``aligned`` or the unaligned ``base``.
+- ``adapter``: ``continue`` when a fine-tuning defense always trains the alignment LoRA itself (the
+  reference's single-LoRA mode, e.g. its EWC); None follows ``finetune.adapter``.
 - ``needs``: the data roles it reads beside the stage's own rows (fine-tuning: the n user rows;
   alignment: the alignment rows): ``user``, ``alignment`` or ``harmful`` (the harmful source).
 - ``trainer`` / ``arguments``: ``"module:Class"`` paths of its Trainer and TrainingArguments
@@ -43,6 +45,7 @@ class Defense(BaseModel):
 
     stages: ClassVar[tuple[Stage, ...]] = ("finetune",)
     starts_from: ClassVar[Literal["aligned", "base"]] = "aligned"
+    adapter: ClassVar[Literal["new", "continue"] | None] = None  # None: finetune.adapter
     needs: ClassVar[tuple[DataRole, ...]] = ()
     trainer: ClassVar[str] = BASE_TRAINER
     arguments: ClassVar[str] = BASE_ARGUMENTS

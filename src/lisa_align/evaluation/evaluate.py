@@ -390,6 +390,7 @@ def evaluate_model(
     generator: Callable[..., list[str]] | None = None,
     fa_rule: str = "exact",
     cut_at_response_marker: bool = True,
+    protocol: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Generate answers for each given set, score them, write predictions and ``metrics.json``.
 
@@ -410,6 +411,9 @@ def evaluate_model(
     vLLM backend); ``model`` and ``tokenizer`` are then unused.
 
     Each set is an :class:`EvalSet` of the table below, run in order (harmful, task, benign).
+
+    ``protocol`` (e.g. ``{"hs_protocol": "lisa"}``: how the caller chose the rows) is recorded in
+    ``metrics.json`` as given.
 
     Returns the metrics dict (the content of ``metrics.json``).
     """
@@ -467,6 +471,7 @@ def evaluate_model(
         "fa_rule": fa_rule,
         "cut_at_response_marker": cut,
         **_judge_metrics(judge_obj),
+        **dict(protocol or {}),  # how the evaluation rows were chosen (e.g. hs_protocol), for the record
     }
     for eval_set in table:
         if eval_set.rows:

@@ -23,6 +23,10 @@ from lisa_align.training.penalty import add_pull_gradient, grad_scale
 class EWCArguments(BaseArguments):
     ewc_lambda: float = field(default=0.001, metadata={"help": "strength λ of the Fisher-weighted pull"})
     fisher_batches: int | None = field(default=None, metadata={"help": "alignment batches for the Fisher (None: all)"})
+    fisher_reduction: str = field(default="mean", metadata={
+        "help": "sum: the sum over alignment batches of the squared batch gradient (the reference); mean: their mean"})
+    fisher_mode: str = field(default="eval", metadata={
+        "help": "train: the Fisher measured with the model in train mode, dropout on (the reference); eval: off"})
     ewc_mode: str = field(default="auto", metadata={
         "help": "grad: add 2λF(w − w0) to .grad after backward; loss: add λΣF(w − w0)² to the loss (for "
                 "DeepSpeed); auto: loss under DeepSpeed, else grad"})
@@ -30,6 +34,10 @@ class EWCArguments(BaseArguments):
     def __post_init__(self):
         check_nonnegative("ewc_lambda", self.ewc_lambda, "the reference uses 0.001")
         check_penalty_mode("ewc_mode", self.ewc_mode)
+        for name, value, options in (("fisher_reduction", self.fisher_reduction, ("sum", "mean")),
+                                     ("fisher_mode", self.fisher_mode, ("train", "eval"))):
+            if value not in options:
+                raise LisaError(f"{name}='{value}': use one of {', '.join(options)}")
         super().__post_init__()
 
 
@@ -45,13 +53,15 @@ class EWCTrainer(BaseTrainer):
         self.pull_in_loss = self.penalty_in_loss(self.args.ewc_mode, "EWC")
 
     def compute_fisher(self) -> list[torch.Tensor]:
-        """Diagonal empirical Fisher: mean over alignment batches of (∂loss/∂w)²."""
+        """Diagonal empirical Fisher: the sum (``fisher_reduction: sum``, the reference) or the mean over
+        alignment batches of (∂loss/∂w)², in train mode (``fisher_mode: train``, the reference: dropout
+        on) or eval mode."""
         params, model = self._trainable(), self.model
         fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         loader = DataLoader(self.fisher_dataset, batch_size=self.args.per_device_train_batch_size,
                             collate_fn=self.data_collator)
         was_training = model.training
-        model.eval()  # no dropout in the Fisher
+        model.train(self.args.fisher_mode == "train")
         n = 0
         for i, batch in enumerate(loader):
             if self.args.fisher_batches is not None and i >= self.args.fisher_batches:
@@ -65,7 +75,8 @@ class EWCTrainer(BaseTrainer):
             n += 1
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-        return [(f / max(n, 1)).to(p.dtype) for f, p in zip(fisher, params)]
+        scale = 1.0 if self.args.fisher_reduction == "sum" else 1.0 / max(n, 1)
+        return [(f * scale).to(p.dtype) for f, p in zip(fisher, params)]
 
     def trainer_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         if self.reference is None:

@@ -53,15 +53,16 @@ def train_stage(model, tokenizer, rows: list[dict], stage: StageSettings, output
                 seed: int, max_length: int, defense: Defense | None = None,
                 data: Mapping[str, list[dict]] | None = None, use_cpu: bool = False,
                 log_path: str | Path | None = None, log_tag: str = "train", resume: bool = True,
-                save_checkpoints: bool = True):
+                save_checkpoints: bool = True, attach_adapter: bool = True):
     """Train ``model`` on ``rows`` with ``defense`` (default: plain SFT), a resolved
     :class:`~lisa_align.defenses.Defense`; the data it takes beside the rows (Lisa's alignment set,
     EWC's Fisher set) comes from ``data`` by role. Returns (the trained model, a PEFT model when
     ``stage.lora`` is set; the trainer). Checkpoints go to ``output_dir`` and a run resumes from the
-    newest complete one."""
+    newest complete one. ``attach_adapter=False`` trains the adapter ``model`` already holds (the
+    alignment LoRA, ``finetune.adapter: continue``) instead of attaching ``stage.lora``."""
     defense = defense or SFT()
     data = data or {}
-    if stage.lora is not None:
+    if stage.lora is not None and attach_adapter:
         model = attach_lora(model, stage.lora)
     args = training_arguments(stage, output_dir, seed=seed, use_cpu=use_cpu, defense=defense, save=save_checkpoints)
     train_ds = _tokenized(rows, tokenizer, max_length, log_path, log_tag, "train")
