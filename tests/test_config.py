@@ -314,7 +314,8 @@ def test_a_run_folder_of_an_older_release_is_the_same_config(tmp_path):
 def test_a_saved_config_of_an_earlier_release_reads_with_the_settings_its_run_used():
     from lisa_align.config import upgrade_saved_config
 
-    old = {"eval": {"judge": "refusal"}, "data": {"user": {"source": "synthetic:sst2"}},
+    old = {"eval": {"judge": "refusal"}, "data": {"user": {"source": "synthetic:sst2"},
+                                                  "harmful": {"source": "synthetic:beavertails"}},
            "finetune": {"methods": ["sft", "vlguard", {"name": "ewc", "ewc_lambda": 0.5}]}}
     cfg = validate_config(upgrade_saved_config(old))
     assert (cfg.eval.hs_protocol, cfg.eval.drop_overlap, cfg.eval.fa_rule) == ("custom", True, "lenient")

@@ -536,8 +536,8 @@ def upgrade_saved_config(raw: dict) -> dict:
     raw = json.loads(json.dumps(raw))
     for path, value in LEGACY_SETTINGS.items():
         node = raw
-        for part in path[:-1]:
-            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+        for part in path[:-1]:  # into the sections the file has (a saved config.yaml has them all)
+            node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.setdefault(path[-1], value)
     if isinstance(raw.get("finetune"), dict):
