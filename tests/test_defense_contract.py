@@ -86,9 +86,15 @@ def _output(cfg, name: str):
     return cfg.rundir.adapter(cfg.finetune.methods[0].key) if _stage(name) == "finetune" else cfg.rundir.aligned
 
 
-@pytest.mark.parametrize("name", list(CONTRACT))
-def test_trains_writes_its_artifacts_and_resumes_exactly(micro, name, monkeypatch):
-    case = CONTRACT[name]
+# Beyond one run per defense: Lisa fine-tuning the alignment LoRA itself (finetune.adapter: continue), whose
+# anchor is that adapter's weights.
+VARIANTS = {"lisa+continue": ("lisa", Case({"rho": 20.0}, changes={**ALIGNMENT_LORA, "finetune.adapter": "continue"}))}
+RUNS = {**{name: (name, case) for name, case in CONTRACT.items()}, **VARIANTS}
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_trains_writes_its_artifacts_and_resumes_exactly(micro, run, monkeypatch):
+    name, case = RUNS[run]
     straight = validate_config(_config(micro, name, case.settings, run="straight", **case.changes))
     pipe = Pipeline(straight, echo=lambda *_: None)
     pipe.run()
