@@ -86,8 +86,10 @@ def test_lisa_run_under_accelerate_launch_equals_one_process(tmp_path, micro):
     paths = {}
     for name, ga in (("one", 2), ("two", 1)):
         cfg = micro(name=name, use_cpu=True, **{
-            "finetune.methods": ["sft", "lisa"], "eval.models": ["methods"], "align.batch_size": 4,
-            "align.grad_accum": ga, "finetune.batch_size": 2, "finetune.grad_accum": ga})
+            "finetune.methods": ["sft", "lisa", "ewc"], "eval.models": ["methods"], "align.batch_size": 4,
+            "align.grad_accum": ga, "finetune.batch_size": 2, "finetune.grad_accum": ga,
+            # a LoRA alignment: ewc (the reference's) fine-tunes that LoRA itself (finetune.adapter: continue)
+            "align.lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}})
         paths[name] = tmp_path / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(cfg))
     env_cache = {"LISA_ALIGN_CACHE": str(cache)}
@@ -100,12 +102,12 @@ def test_lisa_run_under_accelerate_launch_equals_one_process(tmp_path, micro):
     finally:
         os.environ.pop("LISA_ALIGN_CACHE")
     one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
-    for key in ("sft", "lisa"):
-        a = load_file(one / "finetune" / key / "adapter" / "model.safetensors")
-        b = load_file(two / "finetune" / key / "adapter" / "model.safetensors")
+    for key, weights in (("sft", "model"), ("lisa", "model"), ("ewc", "adapter_model")):
+        a = load_file(one / "finetune" / key / "adapter" / f"{weights}.safetensors")
+        b = load_file(two / "finetune" / key / "adapter" / f"{weights}.safetensors")
         assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5, key
     s1, s2 = (json.loads((r / "summary.json").read_text()) for r in (one, two))
-    assert s1 == s2 and set(s2) == {"sft", "lisa"}
+    assert s1 == s2 and set(s2) == {"sft", "lisa", "ewc"}
     sw1, sw2 = (json.loads((r / "finetune" / "lisa" / "lisa_switches.json").read_text()) for r in (one, two))
     assert [x["lisa/step"] for x in sw1] == [x["lisa/step"] for x in sw2] != []
     events = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]

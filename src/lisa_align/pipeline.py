@@ -209,6 +209,7 @@ class Pipeline:
             return str(out)
         data = self.load_data()
         base = self.ensure_base()  # timed on its own when the tiny base is built
+        set_seed(self.cfg.seed)  # the same RNG state (LoRA init, ...) whether the base was built now or cached
         a = self.cfg.align
         defense = a.method.resolve(a)
         rows = defense.training_rows(data.alignment, data.roles())
@@ -259,6 +260,7 @@ class Pipeline:
             return out
         data = self.load_data()
         start = self.ensure_start_model(method)
+        set_seed(self.cfg.seed)  # the same RNG state whether the stages before ran now or were reused
         rows = method.training_rows(data.user, data.roles())
         t0 = time.time()
         model, tok = self._load(start)
