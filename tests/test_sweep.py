@@ -115,7 +115,7 @@ SHIPPED = {
     "configs/paper/table9-rho.yaml": (None, 7, ["lisa"]),
     "configs/embedded/table2.yaml": (None, 1, TABLE2_EMBEDDED),
     "configs/embedded/table3.yaml": (None, 4 * 3, FOUR),
-    "configs/embedded/table4.yaml": (None, 6 * 5, ["na_sft", "sft", "ewc", "vlguard", "bso", "lisa"]),
+    "configs/embedded/table4.yaml": (None, 6 * 5, ["na_sft", "sft", "ewc_fresh_lora", "vlguard", "bso", "lisa"]),
     "configs/embedded/table5.yaml": (None, 3 * 5, TABLE6),
     "configs/embedded/table6-sst2.yaml": (None, 5, TABLE6),
     "configs/embedded/table6-agnews.yaml": (None, 5, TABLE6),
