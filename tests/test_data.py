@@ -542,3 +542,25 @@ def test_tokenized_cache_rebuilds_a_damaged_entry_and_can_be_turned_off(tmp_path
     assert tokenize_rows_cached(ROWS, tokenizer, 64, cache_dir=tmp_path)[1]["cached"]
     monkeypatch.setenv("LISA_ALIGN_TOKENIZED_CACHE", "0")
     assert not tokenize_rows_cached(ROWS, tokenizer, 64, cache_dir=tmp_path)[1]["cached"]
+
+
+def test_the_eos_stays_in_the_labels_when_it_is_also_the_pad_token():
+    """Chat models often pad with their EOS (SmolLM2: <|im_end|>). Padding must not mask the EOS the
+    model learns to stop with: the collator pads labels with -100 at padded positions only."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from lisa_align.data.templates import IGNORE_INDEX, tokenize_rows
+
+    from conftest import word_tokenizer
+
+    tok = word_tokenizer(train_on=["say yes please", "say no", "Below is an instruction"], eos_token="</s>",
+                         pad_token="</s>")
+    assert tok.pad_token_id == tok.eos_token_id
+    rows = [{"instruction": "say yes please", "input": "", "output": "yes"},
+            {"instruction": "say no", "input": "", "output": "no"}]
+    ds = tokenize_rows(rows, tok, max_length=64)
+    batch = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX)([ds[0], ds[1]])
+    for i, n in enumerate(len(x) for x in ds["input_ids"]):
+        labels = batch["labels"][i].tolist()
+        assert labels[n - 1] == tok.eos_token_id  # the last real token: the EOS, trained on
+        assert all(x == IGNORE_INDEX for x in labels[n:])  # padding only after it

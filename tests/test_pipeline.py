@@ -241,3 +241,64 @@ def test_metrics_record_how_the_rows_were_chosen(micro):
     assert metrics["hs_protocol"] == cfg.eval.hs_protocol and metrics["drop_overlap"] is True
     assert metrics["fa_rule"] == "exact" and set(metrics["eval_rows_dropped_as_overlap"]) == {"harmful", "task", "benign"}
     assert any(s.startswith("[lisa] eval.drop_overlap: dropped ") for s in said)
+
+
+def test_threads_setting_sets_and_logs_torch_threads(micro, monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        cfg = validate_config(micro(threads=1))
+        Pipeline(cfg, echo=lambda *_: None).start()
+        assert torch.get_num_threads() == 1
+        record = next(json.loads(x) for x in (cfg.run_dir / "log.jsonl").read_text().splitlines()
+                      if json.loads(x).get("event") == "model")
+        assert record["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_switch_log_says_whether_the_proximal_term_was_applied(micro):
+    """A switch inside the proximal warm-up reports no term (none was applied), one after it the term."""
+    cfg = validate_config(micro(**{"finetune.methods": [{"name": "lisa", "proximal_warmup_ratio": 0.5}],
+                                   "eval.models": []}))
+    Pipeline(cfg, echo=lambda *_: None).run()
+    switches = json.loads((cfg.run_dir / "finetune" / "lisa" / "lisa_switches.json").read_text())
+    # T = 12, switches at 2, 6, 8; the term is on for steps > 6: off before the switches at 2 and 6
+    assert [(s["lisa/step"], s["lisa/proximal_active"]) for s in switches] == [(2, False), (6, False), (8, True)]
+    assert switches[0]["lisa/proximal_term"] == 0.0 and switches[2]["lisa/proximal_term"] > 0
+
+
+def test_fewer_than_two_bi_state_cycles_is_warned(micro, caplog):
+    import logging
+
+    cfg = validate_config(micro(**{"finetune.methods": [{"name": "bso", "k1": 4, "k2": 8},
+                                                        {"name": "lisa", "label": "two_cycles"}],
+                                   "eval.models": []}))
+    with caplog.at_level(logging.WARNING, logger="lisa_align.training.lisa"):
+        Pipeline(cfg, echo=lambda *_: None).run()
+    warned = [r.getMessage() for r in caplog.records if "bi-state cycles" in r.getMessage()]
+    assert warned == ["Lisa/BSO runs 1.00 bi-state cycles (K1+K2=12 over 12 steps): fewer than 2, so it never "
+                      "returns to alignment after fine-tuning; lower K1/K2 (the paper: one cycle per epoch)"]
+
+
+def test_methods_fine_tuned_in_parallel_processes_equal_a_sequential_run(micro):
+    """--jobs 2: the methods train in 2 spawned processes (one thread each here) once the aligned model
+    exists; weights, switch logs and the summary equal a sequential run's."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, jobs in (("seq", 1), ("par", 2)):
+        cfg = validate_config(micro(name=name, threads=1, **{"finetune.methods": ["sft", "lisa"], "eval.models": ["methods"]}))
+        said: list[str] = []
+        runs[name] = (cfg, Pipeline(cfg, echo=said.append).run(jobs=jobs), said)
+    (seq, s1, _), (par, s2, said) = runs["seq"], runs["par"]
+    assert any("fine-tuning 2 methods in 2 processes, 1 thread(s) each" in s for s in said)
+    assert s1 == s2
+    for key in ("sft", "lisa"):
+        a = load_file(str(seq.rundir.adapter(key) / "model.safetensors"))
+        b = load_file(str(par.rundir.adapter(key) / "model.safetensors"))
+        assert all(bool((a[k] == b[k]).all()) for k in a), key
+    assert (json.loads(seq.rundir.artifact("lisa", "lisa_switches.json").read_text())
+            == json.loads(par.rundir.artifact("lisa", "lisa_switches.json").read_text()))

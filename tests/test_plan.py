@@ -20,7 +20,7 @@ def test_the_papers_main_setting(capsys):
     assert "# resolved config" in out and "name: llama2-7b-sst2-p0.1" in out
     lisa = next(line for line in out.splitlines() if line.startswith("stage finetune lisa:"))
     assert "5000 rows, T = 20000 optimizer steps, scheduler constant, warm-up 0 steps" in lisa
-    assert "K1/K2=100/900, rho=1.0; proximal term from step 2001" in lisa
+    assert "K1/K2=100/900, rho=1.0; K1/K2 in steps 100/900; proximal term from step 2001" in lisa
     i = out.splitlines().index(lisa)
     assert out.splitlines()[i + 1].startswith("  39 switches at steps 100, 1000, 1100, 2000, 2100,")
     assert "stage align (sft): 10000 rows, T = 60000 optimizer steps, scheduler cosine, warm-up 6000 steps" in out
@@ -74,3 +74,23 @@ def test_the_fidelity_table_holds_for_every_paper_config():
         cfg = load_config(path)
         for setting, value in rows:
             assert _at(cfg, setting) == yaml.safe_load(value), (path.name, setting)
+
+
+def test_k1_k2_as_a_ratio_over_a_cycle_of_epochs(micro):
+    """finetune.lisa.cycle_epochs: K1:K2 is a ratio and a cycle lasts that many epochs, resolved to steps
+    (the demo's 6/57 is the paper's 1:9 over one 63-step epoch); the plan and the trainer agree."""
+    import json
+
+    from lisa_align.config import validate_config
+    from lisa_align.defenses.lisa import steps_of_cycle
+    from lisa_align.pipeline import Pipeline
+
+    assert steps_of_cycle(1, 9, 1.0, 63) == (6, 57) and steps_of_cycle(100, 900, None, 1000) == (100, 900)
+    assert steps_of_cycle(1, 9, 0.5, 4) == (1, 1) and steps_of_cycle(0, 1, 1.0, 10) == (0, 10)
+    # micro: 24 rows, batch 4 -> 6 steps an epoch; 1:2 over one epoch -> K1/K2 = 2/4, the micro's own steps
+    cfg = validate_config(micro(**{"finetune.methods": ["lisa"], "finetune.lisa": {"k1": 1, "k2": 2, "cycle_epochs": 1.0},
+                                   "eval.models": []}))
+    assert plan_summary(make_plan(cfg))["finetune lisa"]["switches"] == [2, 6, 8]
+    Pipeline(cfg, echo=lambda *_: None).run()
+    switches = json.loads((cfg.run_dir / "finetune" / "lisa" / "lisa_switches.json").read_text())
+    assert [s["lisa/step"] for s in switches] == [2, 6, 8]

@@ -268,7 +268,10 @@ def test_run_log_records_the_model_settings(tmp_path, caplog, micro):
     assert not cfg.run_dir.exists()  # the constructor has no side effects
     pipeline.start()
     records = [json.loads(line) for line in (cfg.run_dir / "log.jsonl").read_text().splitlines()]
-    assert {"event": "model", "trust_remote_code": True, "allow_pickle": False, "model": "tiny"} in records
+    model = next(r for r in records if r.get("event") == "model")
+    assert {k: model[k] for k in ("trust_remote_code", "allow_pickle", "model")} == \
+        {"trust_remote_code": True, "allow_pickle": False, "model": "tiny"}
+    assert model["threads"] == torch.get_num_threads() >= 1  # the run log records the threads used
     with caplog.at_level(logging.WARNING, logger="lisa_align.models.loading"), pytest.raises(LisaError):
         load_model_and_tokenizer(str(tmp_path / "missing"), trust_remote_code=True)
     assert "trust_remote_code=True" in caplog.text
@@ -312,8 +315,8 @@ def test_hf_token_appears_nowhere(tmp_path, monkeypatch, capfd, caplog, micro):
         assert main(["run", str(path)]) == 0
         run = tmp_path / "runs" / "micro"
         assert (run / "summary.json").is_file()
-        assert {"event": "model", "trust_remote_code": False, "allow_pickle": False, "model": "tiny"} in [
-            json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        models = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r.get("event") == "model"]
+        assert [(r["trust_remote_code"], r["allow_pickle"], r["model"]) for r in models] == [(False, False, "tiny")]
         # failing runs: a missing model, a token in an override, a token in a malformed override
         assert main(["run", str(path), "name=failing", f"model.name={tmp_path / 'missing-model'}"]) == 2
         assert main(["run", str(path), "name=leaky", f"model.name={FAKE_TOKEN}"]) == 2

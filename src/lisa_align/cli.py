@@ -68,12 +68,12 @@ def _overrides(args) -> list[str]:
 
 def cmd_run(args) -> int:
     from lisa_align.config import load_config
-    from lisa_align.pipeline import Pipeline, format_table
+    from lisa_align.pipeline import Pipeline, default_jobs, format_table
 
     cfg = load_config(args.config, _overrides(args))
     pipeline = Pipeline(cfg, force=args.force)
     pipeline.load_data()  # every data source is read and validated before any model is built or trained
-    summary = pipeline.run()
+    summary = pipeline.run(jobs=args.jobs or default_jobs())
     print(format_table(summary))
     print(cfg.rundir.summary)
     return 0
@@ -139,9 +139,9 @@ def cmd_sweep(args) -> int:
         print(f"{len(runs)} runs; array script {script}")
         print(submit(script) if args.submit else f"submit with: sbatch {script}")
         return 0
-    from lisa_align.pipeline import format_table, run_sweep
+    from lisa_align.pipeline import default_jobs, format_table, run_sweep
 
-    for r in run_sweep(runs):
+    for r in run_sweep(runs, jobs=args.jobs or default_jobs()):
         print(f"\n{r['name']}  ({r['run_dir']})")
         print(format_table(r["summary"]))
     print(root)
@@ -159,6 +159,8 @@ def cmd_report(args) -> int:
     return 0
 
 
+JOBS_HELP = ("fine-tune a run's methods in N processes that split the threads (results as a sequential "
+             "run's; default: one per two cores)")
 ALLOW_PICKLE_HELP = ("also load pickle weights (pytorch_model.bin, adapter_model.bin, *.pt): pickle can run code "
                      "when loaded, so only for files you trust (default: safetensors only)")
 
@@ -170,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config")
     r.add_argument("overrides", nargs="*", help="key.path=value, e.g. data.p=0.2 finetune.lisa.rho=10")
     r.add_argument("--force", action="store_true", help="reuse a run dir whose config differs")
+    r.add_argument("--jobs", type=int, default=None, help=JOBS_HELP)
     r.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP + "; sets model.allow_pickle=true")
     r.set_defaults(func=cmd_run)
     pl = sub.add_parser("plan", help="print the resolved config and the plan (stages, rows, T, switch steps, "
@@ -187,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--set", nargs="+", action="extend", default=[],
                    help="key.path=value overrides for every run (repeatable)")
     w.add_argument("--launcher", choices=["local", "slurm"], default="local")
+    w.add_argument("--jobs", type=int, default=None, help=JOBS_HELP)
     w.add_argument("--submit", action="store_true", help="with --launcher slurm: call sbatch")
     w.set_defaults(func=cmd_sweep)
     e = sub.add_parser("evaluate", help="re-judge a run's saved predictions (no generation): harmful answers "

