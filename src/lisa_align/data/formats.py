@@ -102,6 +102,17 @@ def fmt_alpaca(row: dict, where: str, i: int | str) -> dict:
             "output": _nonempty(row, "output", where, i)}
 
 
+def fmt_prompts(row: dict, where: str, i: int | str) -> dict:
+    """Prompt-only rows, ``{"prompt": ...}`` (Do-Not-Answer, the shipped benign prompts): evaluation
+    prompts, or alignment prompts whose answers are written elsewhere. ``output`` is empty; a ``kind``
+    or ``category`` field is kept as the row's category."""
+    out = {"instruction": _nonempty(row, "prompt", where, i), "input": "", "output": ""}
+    category = row.get("category", row.get("kind"))
+    if category is not None:
+        out["category"] = category
+    return out
+
+
 MESSAGE_ROLES = ("system", "user", "assistant")
 
 
@@ -162,6 +173,7 @@ FORMATS: dict[str, Callable[[dict, str, int | str], dict]] = {
     "gsm8k": fmt_gsm8k,
     "alpaca": fmt_alpaca,
     "messages": fmt_messages,
+    "prompts": fmt_prompts,
 }
 
 
@@ -180,6 +192,8 @@ def detect_format(row: dict, where: str) -> str:
         return "gsm8k"
     if "instruction" in keys or {"prompt", "response"} <= keys:
         return "alpaca"
+    if "prompt" in keys and not keys & {"response", "output", "answer"}:
+        return "prompts"
     raise LisaError(f"{where}: cannot tell the row format from fields {sorted(keys)}; rows need "
                     "'instruction'/'output' (or 'prompt'/'response', or 'messages'), or set format: to one of "
                     + ", ".join(FORMATS))
