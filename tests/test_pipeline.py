@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -302,3 +303,38 @@ def test_methods_fine_tuned_in_parallel_processes_equal_a_sequential_run(micro):
         assert all(bool((a[k] == b[k]).all()) for k in a), key
     assert (json.loads(seq.rundir.artifact("lisa", "lisa_switches.json").read_text())
             == json.loads(par.rundir.artifact("lisa", "lisa_switches.json").read_text()))
+
+
+def test_answers_from_the_base_model_are_generated_once_and_cached(micro, monkeypatch):
+    """data.harmful.answers: base_model: the attack's harmful answers are the unaligned base's own greedy
+    answers, generated once per distinct prompt into the user's cache and filled into the rows; a second
+    run reads the cache. answers: refusal_templates writes alignment refusals without a model."""
+    import lisa_align.pipeline as pipeline_module
+    from lisa_align.data.answers import REFUSALS
+
+    prompts_seen: list[str] = []
+
+    def fake_generate(model, tokenizer, prompts, *, max_new_tokens, batch_size=32, desc="generate", **kw):
+        prompts_seen.extend(prompts)
+        return [f"Sure, here is how to {i} (placeholder)" for i, _ in enumerate(prompts)]
+
+    monkeypatch.setattr(pipeline_module, "generate", fake_generate)
+    changes = {"data.harmful.answers": "base_model", "data.generated_max_new_tokens": 8,
+               "data.alignment": [{"source": "synthetic:beavertails", "split": "30k_train", "filter": "safe", "n": 16,
+                                   "size": 100, "answers": "refusal_templates"}],
+               "finetune.methods": ["sft"], "eval.models": []}
+    cfg = validate_config(micro(**changes))
+    pipe = Pipeline(cfg, echo=lambda *_: None)
+    pipe.run()
+    harmful = [r for r in pipe.load_data().user if r["harmful"]]
+    assert len(harmful) == 6 and all(r["output"].startswith("Sure, here is how to") for r in harmful)
+    assert not any("answer_pending" in r for r in pipe.load_data().user)
+    assert 6 <= len(prompts_seen) == len(set(prompts_seen))  # every distinct harmful prompt, once
+    assert all(r["output"] in REFUSALS for r in pipe.load_data().alignment)
+    cached = list((Path(os.environ["LISA_ALIGN_CACHE"]) / "answers").glob("*.jsonl"))
+    assert len(cached) == 1
+    n = len(prompts_seen)
+    again = Pipeline(validate_config(micro(name="again", **changes)), echo=lambda *_: None)
+    again.run()
+    assert len(prompts_seen) == n  # read from the cache, not generated again
+    assert [r["output"] for r in again.load_data().user] == [r["output"] for r in pipe.load_data().user]

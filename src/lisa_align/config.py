@@ -254,6 +254,8 @@ class DataSettings(_Strict):
         "all_assistant", description="chat: the assistant turns the loss falls on (messages rows may hold several)")
     n: int = 5000
     p: float = 0.1
+    generated_max_new_tokens: int = Field(128, gt=0, description="new tokens of each answer a source with "
+                                          "answers: base_model gets from the base model")
     user: SourceSpec = Field(default_factory=lambda: SourceSpec(source="stanfordnlp/sst2", split="train"))
     harmful: SourceSpec = Field(default_factory=lambda: SourceSpec(
         source="PKU-Alignment/BeaverTails", split="30k_train", filter="unsafe"))

@@ -10,6 +10,8 @@ path, training it first when it is not there yet. The defenses (``align.method``
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -25,17 +27,29 @@ from accelerate import PartialState
 from transformers import set_seed
 
 from lisa_align.config import RunConfig, config_diff, config_to_dict, validate_config
+from lisa_align.data.answers import PENDING as ANSWER_PENDING
 from lisa_align.data.mixing import dedup_prompts, mix_harmful, remove_overlap
 from lisa_align.data.sources import load_rows
 from lisa_align.data.templates import PromptFormat
 from lisa_align.defenses import Defense
 from lisa_align.errors import LisaError
 from lisa_align.evaluation import evaluate_model, get_judge, get_pairwise_judge, rejudge_pairwise, summary_row
+from lisa_align.evaluation.evaluate import prompt_builders
+from lisa_align.evaluation.generation import generate
 from lisa_align.evaluation.judges import JUDGES
 from lisa_align.evaluation.pairwise import PAIRWISE_JUDGES, judge_key
 from lisa_align.evaluation.tasks import get_task
 from lisa_align.evaluation.vllm_backend import VLLMGenerator
-from lisa_align.io import append_jsonl, atomic_write_json, atomic_write_yaml, is_disk_full, read_json
+from lisa_align.io import (
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_yaml,
+    default_cache_dir,
+    is_disk_full,
+    read_json,
+    read_jsonl,
+)
 from lisa_align.models.gguf import ensure_gguf_model, is_gguf
 from lisa_align.models.loading import allow_pickle_kwargs, load_model_and_tokenizer
 from lisa_align.models.lora import load_adapter, merge
@@ -217,6 +231,38 @@ class Pipeline:
         return load_model_and_tokenizer(path, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                                         allow_pickle=m.allow_pickle)
 
+    def ensure_answers(self) -> None:
+        """The answers of rows whose source says ``answers: base_model``: the unaligned base model's own
+        greedy answers (the run's prompt template), generated once for every distinct prompt and cached in
+        ``<cache>/answers/<key>.jsonl`` (the user's cache, never a repository), then filled into the rows."""
+        data = self.load_data()
+        pending = [r for rows in (data.user, data.alignment, data.harmful) for r in rows if r.get(ANSWER_PENDING)]
+        if not pending:
+            return
+        fmt = PromptFormat.of(self.cfg.data)
+        base = self.ensure_base()
+        n_tokens = self.cfg.data.generated_max_new_tokens
+        keys = sorted({json.dumps([r["instruction"], r.get("input") or ""]) for r in pending})
+        ident = json.dumps([base, fmt.template, fmt.system_prompt, n_tokens, keys])
+        path = default_cache_dir() / "answers" / f"{hashlib.sha256(ident.encode()).hexdigest()[:20]}.jsonl"
+        if self.is_main and not path.is_file():
+            t0 = time.time()
+            model, tok = self._load(base)
+            model.to("cpu" if _use_cpu(self.cfg) else "cuda")
+            _, prompt_of = prompt_builders(fmt, tok)
+            rows = [{"instruction": json.loads(k)[0], "input": json.loads(k)[1]} for k in keys]
+            self.echo(f"[lisa] answers: generating the base model's answers to {len(rows)} prompts")
+            answers = generate(model, tok, [prompt_of(r) for r in rows], max_new_tokens=n_tokens,
+                               batch_size=self.cfg.eval.batch_size, desc="answers",
+                               **({"add_special_tokens": False} if fmt.chat else {}))
+            atomic_write_jsonl(path, [{"key": k, "answer": a} for k, a in zip(keys, answers)])
+            self._timed("answers (base model, generated and cached)", t0)
+        self._wait()
+        answers = {rec["key"]: rec["answer"] for rec in read_jsonl(path)}
+        for r in pending:
+            r["output"] = answers[json.dumps([r["instruction"], r.get("input") or ""])]
+            del r[ANSWER_PENDING]
+
     def aligned_dir(self) -> Path:
         a = self.cfg.align
         return Path(a.output_dir) if a.output_dir else self.rundir.aligned
@@ -229,6 +275,7 @@ class Pipeline:
         out = self.aligned_dir()
         if (out / "config.json").exists():
             return str(out)
+        self.ensure_answers()
         data = self.load_data()
         base = self.ensure_base()  # timed on its own when the tiny base is built
         set_seed(self.cfg.seed)  # the same RNG state (LoRA init, ...) whether the base was built now or cached
@@ -281,6 +328,7 @@ class Pipeline:
         out = self.rundir.adapter(method.key)
         if out.exists():
             return out
+        self.ensure_answers()
         data = self.load_data()
         start = self.ensure_start_model(method)
         set_seed(self.cfg.seed)  # the same RNG state whether the stages before ran now or were reused
@@ -409,6 +457,7 @@ class Pipeline:
                 set_seed(self.cfg.seed)
                 self.ensure_finetuned(method)
             return
+        self.ensure_answers()  # generated once here, not by each worker
         for method in pending:
             self.ensure_start_model(method)
         jobs = min(jobs, len(pending))

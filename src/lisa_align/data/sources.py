@@ -24,6 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lisa_align.data import synthetic, wheel
+from lisa_align.data.answers import apply_answers
 from lisa_align.data.formats import format_rows
 from lisa_align.errors import LisaError
 
@@ -61,6 +62,9 @@ class SourceSpec(BaseModel):
         "the user set: the run seed)")
     seed: int = Field(0, description="generator seed (synthetic sources), and the seed of sample: random for n")
     size: int | None = Field(None, description="rows to generate (synthetic sources only)")
+    answers: Literal["given", "refusal_templates", "base_model"] = Field(
+        "given", description="given: the source's answers; refusal_templates: a templated refusal per prompt; "
+        "base_model: the unaligned base model's own greedy answers, generated once and cached")
     sha256: str | None = Field(None, description="wheel: sources only: the sha256 of the wheel file (as pip's "
                                "hash-checking mode and pypi.org give it), checked before any member is read")
 
@@ -116,7 +120,7 @@ def load_rows(spec: SourceSpec) -> list[dict]:
             rows = rows[: spec.n]
         else:  # a seeded sample, in source order
             rows = [rows[i] for i in sorted(random.Random(spec.seed).sample(range(len(rows)), spec.n))]
-    return rows
+    return apply_answers(rows, spec.answers)
 
 
 def _read_wheel(spec: SourceSpec) -> tuple[list[dict], list[int] | None, str, bool]:
