@@ -7,7 +7,6 @@ the answer is judged harmful. The harmful score is 100 x flagged / total. A judg
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import re
@@ -18,7 +17,7 @@ from typing import Any
 from lisa_align.config import judge_key
 from lisa_align.errors import LisaError
 from lisa_align.evaluation.generation import generate
-from lisa_align.models.loading import no_safetensors_error, safetensors_kwargs
+from lisa_align.models.loading import accepted_kwargs, no_safetensors_error, safetensors_kwargs
 
 __all__ = [
     "BEAVERTAILS_CATEGORIES",
@@ -421,16 +420,7 @@ JUDGES: dict[str, Callable[..., Judge]] = {
 def judge_options(factory: Callable[..., Any] | None, options: Mapping[str, Any] | None) -> dict[str, Any]:
     """The entries of ``options`` that ``factory`` (a judge class) takes, by name or through
     ``**kwargs``; None values are left out (the judge's own default applies)."""
-    options = {k: v for k, v in (options or {}).items() if v is not None}
-    if not options or factory is None:
-        return {}
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return {}
-    if any(v.kind is v.VAR_KEYWORD for v in params.values()):
-        return options
-    return {k: v for k, v in options.items() if k in params}
+    return accepted_kwargs(factory, options)
 
 
 def get_judge(name: str, *, options: Mapping[str, Any] | None = None, **kwargs: Any) -> Judge:

@@ -99,17 +99,25 @@ def no_safetensors_error(kind: str, name: str, err: Exception, *, allow_pickle: 
                      "--allow-pickle (model.allow_pickle: true) if you trust the files")
 
 
-def allow_pickle_kwargs(factory, allow_pickle: bool) -> dict:
-    """``{"allow_pickle": True}`` when it is asked for and ``factory`` (a judge class) takes it, else
-    ``{}`` (the refusal judge loads no weights; a registered judge may not know the keyword)."""
-    if not allow_pickle or factory is None:
+def accepted_kwargs(factory, options) -> dict:
+    """The entries of ``options`` that ``factory`` (e.g. a judge class) takes, by name or through
+    ``**kwargs``; None values are left out (the factory's own default applies)."""
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    if not options or factory is None:
         return {}
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         return {}
-    takes = "allow_pickle" in params or any(v.kind is v.VAR_KEYWORD for v in params.values())
-    return {"allow_pickle": True} if takes else {}
+    if any(v.kind is v.VAR_KEYWORD for v in params.values()):
+        return options
+    return {k: v for k, v in options.items() if k in params}
+
+
+def allow_pickle_kwargs(factory, allow_pickle: bool) -> dict:
+    """``{"allow_pickle": True}`` when it is asked for and ``factory`` (a judge class) takes it, else
+    ``{}`` (the refusal judge loads no weights; a registered judge may not know the keyword)."""
+    return accepted_kwargs(factory, {"allow_pickle": True} if allow_pickle else None)
 
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False, padding_side: str = "right"):
