@@ -123,6 +123,10 @@ def _use_cpu(cfg: RunConfig) -> bool:
     return cfg.use_cpu or not torch.cuda.is_available()
 
 
+def _device(cfg: RunConfig) -> str:
+    return "cpu" if _use_cpu(cfg) else "cuda"
+
+
 class Pipeline:
     """The run's stages. Under ``accelerate launch`` (or torchrun) every process trains, through the
     Trainer's data parallelism; the main process alone writes files and evaluates, and the others
@@ -164,6 +168,11 @@ class Pipeline:
         m = self.cfg.model
         self._log({LOG_EVENT: EVENT_MODEL, "trust_remote_code": m.trust_remote_code, "allow_pickle": m.allow_pickle,
                    "model": m.name, "threads": torch.get_num_threads()})
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        """How rows become prompts and token ids (``data.template``, ``system_prompt``, ``loss_on``)."""
+        return PromptFormat.of(self.cfg.data)
 
     @property
     def is_main(self) -> bool:
@@ -239,20 +248,21 @@ class Pipeline:
         pending = [r for rows in (data.user, data.alignment, data.harmful) for r in rows if r.get(ANSWER_PENDING)]
         if not pending:
             return
-        fmt = PromptFormat.of(self.cfg.data)
+        fmt = self.prompt_format
         base = self.ensure_base()
         n_tokens = self.cfg.data.generated_max_new_tokens
-        keys = sorted({json.dumps([r["instruction"], r.get("input") or ""]) for r in pending})
+        key_of = lambda r: json.dumps([r["instruction"], r.get("input") or ""])  # noqa: E731  (a distinct prompt)
+        by_key = {key_of(r): r for r in pending}
+        keys = sorted(by_key)
         ident = json.dumps([base, fmt.template, fmt.system_prompt, n_tokens, keys])
         path = default_cache_dir() / "answers" / f"{hashlib.sha256(ident.encode()).hexdigest()[:20]}.jsonl"
         if self.is_main and not path.is_file():
             t0 = time.time()
             model, tok = self._load(base)
-            model.to("cpu" if _use_cpu(self.cfg) else "cuda")
+            model.to(_device(self.cfg))
             _, prompt_of = prompt_builders(fmt, tok)
-            rows = [{"instruction": json.loads(k)[0], "input": json.loads(k)[1]} for k in keys]
-            self.echo(f"[lisa] answers: generating the base model's answers to {len(rows)} prompts")
-            answers = generate(model, tok, [prompt_of(r) for r in rows], max_new_tokens=n_tokens,
+            self.echo(f"[lisa] answers: generating the base model's answers to {len(keys)} prompts")
+            answers = generate(model, tok, [prompt_of(by_key[k]) for k in keys], max_new_tokens=n_tokens,
                                batch_size=self.cfg.eval.batch_size, desc="answers",
                                **({"add_special_tokens": False} if fmt.chat else {}))
             atomic_write_jsonl(path, [{"key": k, "answer": a} for k, a in zip(keys, answers)])
@@ -260,7 +270,7 @@ class Pipeline:
         self._wait()
         answers = {rec["key"]: rec["answer"] for rec in read_jsonl(path)}
         for r in pending:
-            r["output"] = answers[json.dumps([r["instruction"], r.get("input") or ""])]
+            r["output"] = answers[key_of(r)]
             del r[ANSWER_PENDING]
 
     def aligned_dir(self) -> Path:
@@ -288,7 +298,7 @@ class Pipeline:
         work = out.parent / f".{out.name}.trainer"
         model, _ = train_stage(model, tok, rows, a, work, defense=defense, data=data.roles(), seed=self.cfg.seed,
                                max_length=self.cfg.data.max_length, use_cpu=_use_cpu(self.cfg),
-                               prompt_format=PromptFormat.of(self.cfg.data),
+                               prompt_format=self.prompt_format,
                                log_path=self.rundir.log, log_tag="align")
         if self.is_main:
             extra = {}
@@ -345,7 +355,7 @@ class Pipeline:
                                      attach_adapter=not continues,
                                      defense=method, data=data.roles(), seed=self.cfg.seed,
                                      max_length=self.cfg.data.max_length, use_cpu=_use_cpu(self.cfg),
-                                     prompt_format=PromptFormat.of(self.cfg.data),
+                                     prompt_format=self.prompt_format,
                                      log_path=self.rundir.log, log_tag=finetune_stage(method.key))
         if self.is_main:
             for name, attr in method.artifacts.items():
@@ -389,8 +399,8 @@ class Pipeline:
         if not (e.pairwise_judge_model and get_task(self.cfg.data.task).pairwise):
             return None
         allow = allow_pickle_kwargs(PAIRWISE_JUDGES.get(judge_key(e.pairwise_judge)), self.cfg.model.allow_pickle)
-        device = "cpu" if _use_cpu(self.cfg) else "cuda"
-        return get_pairwise_judge(e.pairwise_judge, model_name_or_path=e.pairwise_judge_model, device=device, **allow)
+        return get_pairwise_judge(e.pairwise_judge, model_name_or_path=e.pairwise_judge_model,
+                                  device=_device(self.cfg), **allow)
 
     def evaluate(self, key: str) -> dict:
         """Evaluate one model (cached in eval/<key>/metrics.json). For a pairwise task (alpaca_eval)
@@ -413,7 +423,7 @@ class Pipeline:
             generator = self.vllm_generator(key)
         else:
             model, tok = self.load_for_eval(key)
-            model.to("cpu" if _use_cpu(self.cfg) else "cuda")
+            model.to(_device(self.cfg))
             generator = None
         judge_kwargs = {"model_name_or_path": e.judge_model} if e.judge_model else {}
         judge_kwargs |= allow_pickle_kwargs(JUDGES.get(judge_key(e.judge)), self.cfg.model.allow_pickle)
@@ -425,7 +435,7 @@ class Pipeline:
             batch_size=e.batch_size, max_new_tokens_harmful=e.max_new_tokens_harmful,
             max_new_tokens_task=e.max_new_tokens_task, max_new_tokens_benign=e.max_new_tokens_benign,
             pairwise_judge=self._pairwise_judge(), generator=generator, fa_rule=e.fa_rule,
-            cut_at_response_marker=e.cut_at_response_marker, prompt_format=PromptFormat.of(self.cfg.data),
+            cut_at_response_marker=e.cut_at_response_marker, prompt_format=self.prompt_format,
             protocol={"hs_protocol": data.hs_protocol, "dedup_prompts": e.dedup_prompts,
                       "drop_overlap": e.drop_overlap, "eval_rows_dropped_as_overlap": data.dropped_overlap})
         self._timed(f"evaluate {key}", t0)
