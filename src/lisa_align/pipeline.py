@@ -35,7 +35,7 @@ from lisa_align.defenses import Defense
 from lisa_align.errors import LisaError
 from lisa_align.evaluation import evaluate_model, get_judge, get_pairwise_judge, rejudge_pairwise, summary_row
 from lisa_align.evaluation.evaluate import prompt_builders
-from lisa_align.evaluation.generation import generate
+from lisa_align.evaluation.generation import generate, generation_options
 from lisa_align.evaluation.judges import JUDGES
 from lisa_align.evaluation.pairwise import PAIRWISE_JUDGES, judge_key
 from lisa_align.evaluation.tasks import get_task
@@ -51,7 +51,7 @@ from lisa_align.io import (
     read_jsonl,
 )
 from lisa_align.models.gguf import ensure_gguf_model, is_gguf
-from lisa_align.models.loading import allow_pickle_kwargs, load_model_and_tokenizer
+from lisa_align.models.loading import allow_pickle_kwargs, load_model_and_tokenizer, load_tokenizer
 from lisa_align.models.lora import load_adapter, merge
 from lisa_align.rundir import (
     ALIGNMENT_ADAPTER_DIR,
@@ -264,7 +264,7 @@ class Pipeline:
             self.echo(f"[lisa] answers: generating the base model's answers to {len(keys)} prompts")
             answers = generate(model, tok, [prompt_of(by_key[k]) for k in keys], max_new_tokens=n_tokens,
                                batch_size=self.cfg.eval.batch_size, desc="answers",
-                               **({"add_special_tokens": False} if fmt.chat else {}))
+                               **generation_options(fmt, tok))  # chat: its own special tokens, end-of-turn stops
             atomic_write_jsonl(path, [{"key": k, "answer": a} for k, a in zip(keys, answers)])
             self._timed("answers (base model, generated and cached)", t0)
         self._wait()
@@ -376,9 +376,10 @@ class Pipeline:
             return load_adapter(model, str(adapter)).merge_and_unload(), tok
         return self._load(str(adapter))
 
-    def vllm_generator(self, key: str) -> VLLMGenerator:
-        """The vLLM backend for one model: the base/aligned model itself, or a method's start model
-        with its LoRA adapter (a full fine-tune is served as a model)."""
+    def vllm_model_path(self, key: str) -> tuple[str, str | None]:
+        """(the model folder vLLM serves, the LoRA adapter it applies or None) for one model: the
+        base/aligned model itself, or a method's start model with its LoRA adapter (a full fine-tune
+        is served as a model). The served folder's tokenizer is the one vLLM uses."""
         if key == "base":
             model_path, adapter = self.ensure_base(), None
         elif key == "aligned":
@@ -388,9 +389,15 @@ class Pipeline:
             lora = (out / "adapter_config.json").exists()
             model_path, adapter = ((self.ensure_start_model(self.cfg.finetune.method(key)), str(out)) if lora
                                    else (str(out), None))
+        return model_path, adapter
+
+    def vllm_generator(self, key: str, **options) -> VLLMGenerator:
+        """The vLLM backend for one model (:meth:`vllm_model_path`); ``options`` are the prompt format's
+        generation options (:func:`~lisa_align.evaluation.generation.generation_options`)."""
+        model_path, adapter = self.vllm_model_path(key)
         m = self.cfg.model
         return VLLMGenerator(model_path, adapter, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-                             allow_pickle=m.allow_pickle, **self.cfg.eval.vllm)
+                             allow_pickle=m.allow_pickle, **options, **self.cfg.eval.vllm)
 
     # ---- evaluation -------------------------------------------------------------------------
     def _pairwise_judge(self):
@@ -420,7 +427,9 @@ class Pipeline:
         t0 = time.time()
         if e.backend == "vllm":
             model = tok = None
-            generator = self.vllm_generator(key)
+            if self.prompt_format.chat:  # the served model's tokenizer renders its chat template (no weights)
+                tok = load_tokenizer(self.vllm_model_path(key)[0], trust_remote_code=self.cfg.model.trust_remote_code)
+            generator = self.vllm_generator(key, **generation_options(self.prompt_format, tok))
         else:
             model, tok = self.load_for_eval(key)
             model.to(_device(self.cfg))

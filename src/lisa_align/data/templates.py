@@ -132,8 +132,8 @@ def _tokenizer_name(tokenizer) -> str:
 def check_chat_template(tokenizer) -> None:
     """A one-line LisaError unless ``tokenizer`` has a chat template."""
     if tokenizer is None:
-        raise LisaError("data.template: chat renders prompts with the model's tokenizer, but none was given "
-                        "(e.g. the vllm backend): pass the tokenizer, or use data.template: alpaca")
+        raise LisaError("data.template: chat renders prompts with the model's tokenizer, but none was given: "
+                        "pass the tokenizer, or use data.template: alpaca")
     if not getattr(tokenizer, "chat_template", None):
         raise LisaError(f"data.template: chat needs a chat template, but the tokenizer of "
                         f"'{_tokenizer_name(tokenizer)}' has none: use data.template: alpaca, "
@@ -161,6 +161,38 @@ def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
 
 def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+END_OF_TURN_PROBE = "LisaEndOfTurnProbe"  # assistant content that no template rewrites (templates may trim)
+
+
+def _added_ids(tokenizer) -> set[int]:
+    """The ids of the tokenizer's special tokens and of the tokens added to its vocabulary."""
+    ids = set(getattr(tokenizer, "all_special_ids", None) or [])
+    ids.update(int(i) for i in (getattr(tokenizer, "added_tokens_decoder", None) or {}))
+    return ids
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token the chat template puts right after an assistant message's content (Llama-3's
+    ``<|eot_id|>``, Gemma's ``<end_of_turn>``, ChatML's ``<|im_end|>``), as a one-id list; [] when
+    the template puts no special or added token there (e.g. plain text such as a newline).
+
+    Found by rendering a user turn and an assistant turn whose content is a probe string: the text
+    after the probe (leading whitespace aside) is tokenised without special tokens and its first
+    token is taken if it is one of the tokenizer's special/added tokens. A chat model ends its answer
+    with it, so generation stops there (:func:`lisa_align.evaluation.generation.generation_options`).
+    """
+    text = render_chat(tokenizer, [{"role": "user", "content": "Hi"},
+                                   {"role": "assistant", "content": END_OF_TURN_PROBE}])
+    at = text.rfind(END_OF_TURN_PROBE)
+    if at < 0:
+        return []
+    after = text[at + len(END_OF_TURN_PROBE):].lstrip()
+    ids = _ids(tokenizer, after) if after else []
+    if not ids or int(ids[0]) == getattr(tokenizer, "unk_token_id", None):  # unknown text is no end token
+        return []
+    return [int(ids[0])] if int(ids[0]) in _added_ids(tokenizer) else []
 
 
 def tokenize_chat(messages: list[dict[str, str]], tokenizer, max_length: int,

@@ -49,7 +49,7 @@ from lisa_align.data.templates import (
 )
 from lisa_align.errors import LisaError
 from lisa_align.evaluation.answers import is_degenerate, judged_text
-from lisa_align.evaluation.generation import generate
+from lisa_align.evaluation.generation import generate, generation_options
 from lisa_align.evaluation.judges import BEAVERTAILS_CATEGORIES, Judge, Verdict, get_judge, is_refusal
 from lisa_align.evaluation.pairwise import PairwiseJudge, get_pairwise_judge, win_rate
 from lisa_align.evaluation.tasks import FA_RULES, Task, get_task
@@ -444,7 +444,9 @@ def evaluate_model(
 
     ``prompt_format`` (default Alpaca) builds the prompts (:func:`prompt_builders`): with
     ``template: chat`` the tokenizer's chat template renders them (the tokenizer is then needed even
-    with ``generator``), and the generation adds no special tokens of its own.
+    with ``generator``), and the generation adds no special tokens of its own and stops at the
+    template's end-of-turn token as well as at EOS (:func:`generation_options`; a ``generator`` is
+    given these by its maker, e.g. the vLLM backend's ``stop_token_ids``).
 
     ``protocol`` (e.g. ``{"hs_protocol": "lisa"}``: how the caller chose the rows) is recorded in
     ``metrics.json`` as given.
@@ -452,9 +454,8 @@ def evaluate_model(
     Returns the metrics dict (the content of ``metrics.json``).
     """
     harmful_prompt, input_prompt = prompt_builders(prompt_format, tokenizer)
-    rendered = prompt_format is not None and prompt_format.chat  # the template holds the special tokens
     if generator is None:
-        extra = {"add_special_tokens": False} if rendered else {}  # a rendered chat prompt holds its own
+        extra = generation_options(prompt_format, tokenizer)  # chat: no added special tokens, end-of-turn stops
 
         def generator(prompts, *, max_new_tokens, desc):
             return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, desc=desc,
