@@ -50,6 +50,17 @@ CONTRACT = {
     "lisa": Case({"rho": 20.0}, bad={"rho": -1.0}, error="rho=-1.0 must be a finite number >= 0"),
     "vaccine": Case({"rho": 0.5}, bad={"rho": -1.0}, error="rho"),
     "random_vaccine": Case({"rho": 0.5}, bad={"rho": float("nan")}, error="rho"),
+    "repnoise": Case({"alpha": 1.0, "beta": 1.0}, bad={"beta": -1.0}, error="beta"),
+    "t_vaccine": Case({"rho": 0.5, "sampled_layers": 1, "resample_every": 2, "measure_every": 3, "harmful_rows": 16},
+                      bad={"sampled_layers": 0}, error="sampled_layers",
+                      changes={"model.tiny.num_layers": 2, "align.epochs": 2}),
+    "booster": Case({"lamb": 20.0, "alpha": 0.5}, bad={"lamb": -1.0}, error="lamb"),
+    # post-fine-tuning defenses run on one fine-tuned model (sft): Antidote on the micro's full fine-tune (its
+    # q/k/v mode), SafeLoRA on a LoRA fine-tune, projecting its least similar layer
+    "antidote": Case({"calibration_rows": 8}, bad={"dense_ratio": 1.5}, error="dense_ratio"),
+    "safelora": Case({"select": "number", "num_proj_layers": 1}, bad={"threshold": 2.0}, error="threshold",
+                     changes={"finetune.lora": {"r": 4, "alpha": 8, "dropout": 0.0,
+                                                "target_modules": ["q_proj", "v_proj"]}}),
 }
 
 
@@ -70,6 +81,8 @@ def _config(micro, name: str, settings: dict, run: str = "micro", **changes) -> 
     entry = {"name": name, **settings}
     if _stage(name) == "finetune":
         changes = {"finetune.methods": [entry], **changes}
+    elif _stage(name) == "post":  # applied to one fine-tuned model
+        changes = {"finetune.methods": ["sft"], "post": [entry], **changes}
     else:
         changes = {"align.method": entry, "finetune.methods": [], **changes}
     return micro(**{"name": run, "eval.models": [], **changes})
@@ -83,7 +96,44 @@ def _weights(path) -> dict[str, torch.Tensor]:
 
 
 def _output(cfg, name: str):
+    if _stage(name) == "post":
+        return cfg.rundir.post_adapter(cfg.post[0].post_key(cfg.finetune.methods[0].key))
     return cfg.rundir.adapter(cfg.finetune.methods[0].key) if _stage(name) == "finetune" else cfg.rundir.aligned
+
+
+def _post_contract(micro, name: str, case: Case, monkeypatch) -> None:
+    """A post defense changes the fine-tuned weights, writes its record, and a run killed while writing
+    its result leaves no post folder behind and ends, re-run, with the straight run's weights."""
+    import lisa_align.pipeline as pipeline_module
+    from lisa_align.rundir import POST_RECORD
+
+    straight = validate_config(_config(micro, name, case.settings, run="straight", **case.changes))
+    Pipeline(straight, echo=lambda *_: None).run()
+    key = straight.post[0].post_key(straight.finetune.methods[0].key)
+    after = _weights(_output(straight, name))
+    before = _weights(straight.rundir.adapter(straight.finetune.methods[0].key))
+    assert after.keys() == before.keys()
+    assert max((after[k].float() - before[k].float()).abs().max().item() for k in after) > 1e-6, "nothing changed"
+    assert straight.rundir.post_record(key).is_file()
+
+    killed = validate_config(_config(micro, name, case.settings, run="killed", **case.changes))
+    real_write = pipeline_module.atomic_write_json
+
+    def write_then_die(path, obj, *args, **kwargs):
+        if Path(path).name == POST_RECORD:  # the model is written already, the record not yet
+            raise Killed
+        return real_write(path, obj, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "atomic_write_json", write_then_die)
+    with pytest.raises(Killed):
+        Pipeline(killed, echo=lambda *_: None).run()
+    assert not killed.rundir.post(key).exists()
+    assert not list(killed.rundir.post(key).parent.glob("*")), "a half-written post folder was left behind"
+    monkeypatch.setattr(pipeline_module, "atomic_write_json", real_write)
+    Pipeline(killed, echo=lambda *_: None).run()
+    again = _weights(_output(killed, name))
+    assert after.keys() == again.keys()
+    assert max((after[k] - again[k]).abs().max().item() for k in after) <= 1e-6
 
 
 # Beyond one run per defense: Lisa fine-tuning the alignment LoRA itself (finetune.adapter: continue), whose
@@ -95,6 +145,8 @@ RUNS = {**{name: (name, case) for name, case in CONTRACT.items()}, **VARIANTS}
 @pytest.mark.parametrize("run", list(RUNS))
 def test_trains_writes_its_artifacts_and_resumes_exactly(micro, run, monkeypatch):
     name, case = RUNS[run]
+    if _stage(name) == "post":
+        return _post_contract(micro, name, case, monkeypatch)
     straight = validate_config(_config(micro, name, case.settings, run="straight", **case.changes))
     pipe = Pipeline(straight, echo=lambda *_: None)
     pipe.run()

@@ -118,6 +118,7 @@ def _defense_union(stage: str):
 
 AlignDefense = _defense_union("align")
 FinetuneDefense = _defense_union("finetune")
+PostDefense = _defense_union("post")
 
 
 def _defense_entry(value: Any, stage: str, what: str) -> Any:
@@ -315,7 +316,8 @@ class EvalSettings(_Strict):
     max_new_tokens_task: int = 200
     max_new_tokens_benign: int = 128
     models: list[str] = Field(default_factory=lambda: ["aligned", "methods"],
-                              description="which models to evaluate: base, aligned, methods")
+                              description="which models to evaluate: base, aligned, methods (each fine-tuned "
+                              "model and its post-processed ones, <method>+<post>), or a model's key")
     hs_protocol: HSProtocol = Field("lisa", description="the HS prompts: lisa (the first 1000 rows of eval.harmful, "
                                     "unfiltered), booster (the first 1000 unsafe), vaccine (the first 500 unsafe), "
                                     "custom (eval.harmful as written); a protocol sets eval.harmful's filter, n "
@@ -377,6 +379,10 @@ class RunConfig(_Strict):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     slurm: SlurmSettings = Field(default_factory=SlurmSettings)
     sweep: SweepSettings = Field(default_factory=SweepSettings)
+    post: list[PostDefense] = Field(
+        default_factory=list, description="post-fine-tuning defenses (antidote, safelora), each applied to every "
+        "fine-tuned model once it is trained; a result is evaluated as <method>+<post> (e.g. lisa+antidote) beside "
+        "the model it came from. Entries as finetune.methods: a name or {name, label, settings}")
     use_cpu: bool = False
     threads: int | None = Field(None, gt=0, description="torch threads of each process (default: $OMP_NUM_THREADS, "
                                 "else torch's default, the core count); the run log records the number used")
@@ -391,13 +397,47 @@ class RunConfig(_Strict):
                                  "or use finetune.adapter: new" + (", or ewc_fresh_lora" if m.name == "ewc" else ""))
         return self
 
+    @field_validator("post", mode="before")
+    @classmethod
+    def _post_entries(cls, v: Any) -> Any:
+        if isinstance(v, (str, dict)):  # post=antidote on the command line or as a sweep axis
+            v = [v]
+        return [_defense_entry(m, "post", "post defense") for m in v or []]
+
+    @model_validator(mode="after")
+    def _check_post(self):
+        seen: set[str] = set()
+        methods = self.finetune.methods
+        for i, d in enumerate(self.post):
+            where = f"post defense '{d.key}' (post.{i})"
+            if d.key in seen:
+                raise ValueError(f"{where}: two post defenses share the key '{d.key}'; give each a distinct 'label'")
+            seen.add(d.key)
+            try:
+                d.resolve(self)
+            except (ValueError, LisaError) as e:
+                raise ValueError(f"{where}: {str(e).removeprefix('Value error, ')}") from None
+            for m in methods:
+                if d.lora_only and self.finetune.lora is None and self.finetune.adapter_of(m) == "new":
+                    raise ValueError(f"{where}: {d.name} acts on LoRA adapters, but method '{m.key}' is a full "
+                                     "fine-tune (finetune.lora: null); set finetune.lora")
+                if d.post_key(m.key) in {x.key for x in methods}:
+                    raise ValueError(f"{where}: its result for '{m.key}' would be '{d.post_key(m.key)}', the key "
+                                     "of a fine-tuning method; rename that method's label")
+        return self
+
+    def post_models(self) -> dict[str, tuple[str, Defense]]:
+        """Every post-processed model: its key (``<method>+<post>``) → (the fine-tuning method's key, the
+        resolved post defense), method by method in ``finetune.methods`` order."""
+        return {d.post_key(m.key): (m.key, d.resolve(self)) for m in self.finetune.methods for d in self.post}
+
     @model_validator(mode="after")
     def _check_eval_models(self):
-        keys = [m.key for m in self.finetune.methods]
+        keys = [m.key for m in self.finetune.methods] + list(self.post_models())
         for k in self.eval.models:
             if k not in ("base", "aligned", "methods") and k not in keys:
-                raise ValueError(f"eval.models: unknown model '{k}': use base, aligned, methods or a method name "
-                                 f"({', '.join(keys) or 'none configured'})"
+                raise ValueError(f"eval.models: unknown model '{k}': use base, aligned, methods (with their "
+                                 f"post-processed models) or a method name ({', '.join(keys) or 'none configured'})"
                                  + _suggest(k, ["base", "aligned", "methods", *keys]))
         return self
 

@@ -1,9 +1,10 @@
-"""align → finetune (each method) → evaluate, in one run folder (its layout: :mod:`lisa_align.rundir`).
+"""align → finetune (each method) → post (each post defense on each fine-tuned model) → evaluate, in
+one run folder (its layout: :mod:`lisa_align.rundir`).
 
 A stage's output folder appears only when the stage is finished (it is written under a temporary
 name and renamed), so a re-run reuses every finished stage and redoes only the rest; an unfinished
 training stage resumes from its newest Trainer checkpoint. The operations that train are named for
-it (``ensure_base``, ``ensure_aligned``, ``ensure_finetuned``): each returns the finished model's
+it (``ensure_base``, ``ensure_aligned``, ``ensure_finetuned``, ``ensure_post``): each returns the finished model's
 path, training it first when it is not there yet. The defenses (``align.method``,
 ``finetune.methods``) run through their declarations in :mod:`lisa_align.defenses`.
 """
@@ -31,7 +32,7 @@ from lisa_align.data.answers import PENDING as ANSWER_PENDING
 from lisa_align.data.mixing import dedup_prompts, mix_harmful, remove_overlap
 from lisa_align.data.sources import load_rows
 from lisa_align.data.templates import PromptFormat
-from lisa_align.defenses import Defense
+from lisa_align.defenses import Defense, load_class
 from lisa_align.errors import LisaError
 from lisa_align.evaluation import evaluate_model, get_judge, get_pairwise_judge, rejudge_pairwise, summary_row
 from lisa_align.evaluation.evaluate import prompt_builders
@@ -53,15 +54,19 @@ from lisa_align.io import (
 from lisa_align.models.gguf import ensure_gguf_model, is_gguf
 from lisa_align.models.loading import allow_pickle_kwargs, load_model_and_tokenizer, load_tokenizer
 from lisa_align.models.lora import load_adapter, merge
+from lisa_align.post import PostContext
 from lisa_align.rundir import (
     ALIGNMENT_ADAPTER_DIR,
     EVENT_DATA,
     EVENT_MODEL,
+    EVENT_POST,
     EVENT_STAGE_DONE,
     LOG_EVENT,
     LOG_SECONDS,
     LOG_STAGE,
+    POST_RECORD,
     finetune_stage,
+    post_stage,
 )
 from lisa_align.training.callbacks import first_nonfinite_weight
 from lisa_align.training.run import train_stage
@@ -365,16 +370,70 @@ class Pipeline:
         self._timed(f"finetune {method.key}", t0)
         return out
 
+    # ---- post-fine-tuning ----------------------------------------------------------------------
+    def ensure_all_post(self) -> None:
+        """Every post defense (``post``) applied to every fine-tuned model."""
+        for key in self.cfg.post_models():
+            self.ensure_post(key)
+
+    def ensure_post(self, key: str) -> Path:
+        """``post/<key>`` (``<method>+<post>``): the post defense applied to the method's fine-tuned
+        model (fine-tuned first when needed), written under a temporary name and renamed, so it is
+        complete or absent; a finished one is reused. The main process transforms, the others wait."""
+        posts = self.cfg.post_models()
+        if key not in posts:
+            raise LisaError(f"no post-processed model '{key}' ({', '.join(posts) or 'post is empty'})")
+        method_key, defense = posts[key]
+        out = self.rundir.post(key)
+        if out.exists():
+            return out
+        method = self.cfg.finetune.method(method_key)
+        adapter = self.ensure_finetuned(method)
+        self.ensure_answers()  # the calibration rows may be answered by the base model
+        if self.is_main:
+            t0 = time.time()
+            self.echo(f"[lisa] post {key}: {defense.name}{defense.describe()}")
+            model, tok = self._load(self.ensure_start_model(method))
+            if (adapter / "adapter_config.json").exists():  # the user adapter, unmerged
+                model = load_adapter(model, str(adapter))
+            else:
+                model, tok = self._load(str(adapter))
+            model.to(_device(self.cfg))
+            context = PostContext(data=self.load_data().roles(), prompt_format=self.prompt_format,
+                                  max_length=self.cfg.data.max_length, device=_device(self.cfg),
+                                  base=self.ensure_base, aligned=self.ensure_aligned, load_weights=self._weights)
+            set_seed(self.cfg.seed)
+            record = load_class(defense.post_transform)(defense, model, tok, context)
+            _save_post(out, self.rundir.post_adapter(key).name, model, tok, record)
+            self._log({LOG_EVENT: EVENT_POST, LOG_STAGE: post_stage(key), "defense": defense.name,
+                       **{k: v for k, v in record.items() if isinstance(v, (int, float, str, bool)) or v is None}})
+            self._timed(f"post {key}", t0)
+        self._wait()
+        return out
+
+    def _weights(self, path: str) -> dict:
+        """A model's weights by parameter name (SafeLoRA's aligned and base models)."""
+        model, _ = self._load(path)
+        return dict(model.state_dict())
+
     def load_for_eval(self, key: str):
         if key == "base":
             return self._load(self.ensure_base())
         if key == "aligned":
             return self._load(self.ensure_aligned())
-        adapter = self.rundir.adapter(key)
+        adapter, method_key = self.trained_output(key)
         if (adapter / "adapter_config.json").exists():
-            model, tok = self._load(self.ensure_start_model(self.cfg.finetune.method(key)))
+            model, tok = self._load(self.ensure_start_model(self.cfg.finetune.method(method_key)))
             return load_adapter(model, str(adapter)).merge_and_unload(), tok
         return self._load(str(adapter))
+
+    def trained_output(self, key: str) -> tuple[Path, str]:
+        """(the folder holding the adapter or full model, the fine-tuning method's key) of a fine-tuned
+        model (``finetune/<key>/adapter``) or a post-processed one (``post/<key>/adapter``)."""
+        posts = self.cfg.post_models()
+        if key in posts:
+            return self.rundir.post_adapter(key), posts[key][0]
+        return self.rundir.adapter(key), key
 
     def vllm_model_path(self, key: str) -> tuple[str, str | None]:
         """(the model folder vLLM serves, the LoRA adapter it applies or None) for one model: the
@@ -385,9 +444,9 @@ class Pipeline:
         elif key == "aligned":
             model_path, adapter = self.ensure_aligned(), None
         else:
-            out = self.rundir.adapter(key)
+            out, method_key = self.trained_output(key)
             lora = (out / "adapter_config.json").exists()
-            model_path, adapter = ((self.ensure_start_model(self.cfg.finetune.method(key)), str(out)) if lora
+            model_path, adapter = ((self.ensure_start_model(self.cfg.finetune.method(method_key)), str(out)) if lora
                                    else (str(out), None))
         return model_path, adapter
 
@@ -453,10 +512,11 @@ class Pipeline:
     def model_keys(self) -> list[str]:
         keys: list[str] = []
         methods = [m.key for m in self.cfg.finetune.methods]
+        posts = self.cfg.post_models()
         for k in self.cfg.eval.models:
-            if k == "methods":
-                keys += methods
-            elif k in MODEL_KEYS or k in methods:
+            if k == "methods":  # each fine-tuned model, then its post-processed ones
+                keys += [x for m in methods for x in (m, *(p for p, (of, _) in posts.items() if of == m))]
+            elif k in MODEL_KEYS or k in methods or k in posts:
                 keys.append(k)
             else:
                 raise LisaError(f"eval.models: unknown model '{k}': use base, aligned, methods or a method name")
@@ -495,6 +555,7 @@ class Pipeline:
         t0 = time.time()
         self.ensure_aligned()
         self.ensure_all_finetuned(jobs)
+        self.ensure_all_post()
         summary = {}
         if self.is_main:  # generation and judging run in the main process; the others wait
             for key in self.model_keys():
@@ -572,9 +633,27 @@ def save_atomically(out: Path, model, tokenizer, extra: dict[str, Path] | None =
     os.replace(tmp, out)
 
 
+def _save_post(out: Path, model_dir: str, model, tokenizer, record: dict) -> None:
+    """Write a post-processed model (``out/<model_dir>``) and its record (``post.json``) under a temporary
+    name, then rename: ``out`` is complete or absent."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        save_atomically(tmp / model_dir, model, tokenizer)
+        atomic_write_json(tmp / POST_RECORD, record)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written copy behind
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
 def format_table(summary: dict) -> str:
-    lines = [f"{'model':<12}{'HS %':>8}{'FA %':>8}{'over-refusal %':>16}"]
+    w = max([12, *(len(k) + 2 for k in summary)])  # post-processed models have longer keys (lisa+antidote)
+    lines = [f"{'model':<{w}}{'HS %':>8}{'FA %':>8}{'over-refusal %':>16}"]
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     for k, m in summary.items():
-        lines.append(f"{k:<12}{fmt(m['hs']):>8}{fmt(m['fa']):>8}{fmt(m['over_refusal']):>16}")
+        lines.append(f"{k:<{w}}{fmt(m['hs']):>8}{fmt(m['fa']):>8}{fmt(m['over_refusal']):>16}")
     return "\n".join(lines)

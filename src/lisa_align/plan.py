@@ -2,7 +2,8 @@
 
 It prints the resolved config (YAML) and the plan: each stage with its rows per source, its number
 of optimizer steps T, its scheduler and warm-up steps, and for each bi-state method the switch
-steps. Row counts come from the config (a source's ``n``, the user set's n and p); with
+steps, then the post-fine-tuning stage (each ``post`` defense on each fine-tuned model, with the key
+it is evaluated under). Row counts come from the config (a source's ``n``, the user set's n and p); with
 ``--load-data`` the sources are read (offline for local and synthetic sources, or from the HF cache)
 and the counts are the real ones. Researchers check a setting with it before spending GPU hours.
 """
@@ -40,9 +41,20 @@ class StagePlan:
 
 
 @dataclass
+class PostPlan:
+    """One post-processed model: a post defense applied to a fine-tuned model, evaluated as ``key``."""
+
+    key: str
+    of: str  # the fine-tuned model's key
+    defense: str
+    details: str = ""
+
+
+@dataclass
 class Plan:
     rows: dict[str, str]  # data role -> "N rows from SOURCE" (or how many will be taken)
     stages: list[StagePlan]
+    post: list[PostPlan] = field(default_factory=list)
 
 
 def _spec_rows(spec: SourceSpec) -> int | None:
@@ -130,7 +142,8 @@ def make_plan(cfg: RunConfig, *, processes: int = 1, data: dict[str, list[dict]]
             if values["rho"] and first is not None:
                 plan.details += f"; proximal term from step {first}"
         stages.append(plan)
-    return Plan(rows=rows, stages=stages)
+    post = [PostPlan(key, of, d.name, d.describe().lstrip(", ")) for key, (of, d) in cfg.post_models().items()]
+    return Plan(rows=rows, stages=stages, post=post)
 
 
 def format_plan(cfg: RunConfig, plan: Plan, processes: int = 1) -> str:
@@ -147,7 +160,11 @@ def format_plan(cfg: RunConfig, plan: Plan, processes: int = 1) -> str:
             shown = ", ".join(map(str, s.switches[:SHOWN_SWITCHES]))
             more = ", ..." if len(s.switches) > SHOWN_SWITCHES else ""
             lines.append(f"  {len(s.switches)} switches at steps {shown}{more} (last {s.switches[-1]})")
-    lines.append(f"evaluate: {', '.join(cfg.eval.models)} (judge {cfg.eval.judge})")
+    for p in plan.post:
+        lines.append(f"post {p.key}: {p.defense} on the fine-tuned {p.of} (no training)"
+                     + (f"; {p.details}" if p.details else ""))
+    lines.append(f"evaluate: {', '.join(cfg.eval.models)} (judge {cfg.eval.judge})"
+                 + (f"; methods include {', '.join(p.key for p in plan.post)}" if plan.post else ""))
     return "\n".join(lines)
 
 

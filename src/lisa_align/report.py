@@ -7,7 +7,11 @@
   :data:`EXTRA_COLUMNS`, then :data:`FIDELITY_COLUMNS`. ``rho``/``k1``/``k2`` are the values the
   method really used (BSO: ρ = 0; empty for methods without a bi-state schedule). ``fa_lenient``
   (FA under the lenient rule) and ``hs_plus`` (HS counting degenerate answers as harmful) come from
-  each model's ``metrics.json``; empty for runs evaluated before they existed.
+  each model's ``metrics.json``; empty for runs evaluated before they existed. A post-processed
+  model (the ``post`` stage) is a row of its own: ``method`` is ``<method>+<post>`` by defense name
+  (``lisa+antidote``), ``label`` its key (``<label>+<post label>``), and ``rho``/``k1``/``k2`` those of
+  the fine-tuned model it came from; the tables list it right after that model, so each pair of rows
+  shows what the post stage bought.
 * ``table.md`` / ``table.csv``: the paper's layout, one row per method and one column per setting
   (the config values that differ between runs, seeds aside), each cell HS / FA as mean ± std over
   seeds (sample std; one seed shows the mean only); plus over-refusal in the same layout.
@@ -119,19 +123,22 @@ def collect(root: str | Path) -> Report:
         setting = ", ".join(f"{_SHORT.get(k, k)}={f.get(k)}" for k in varying) or "all"
         settings.setdefault(setting, tuple((f.get(k) is None, str(type(f.get(k))), f.get(k)) for k in varying))
         methods = {m.key: m for m in cfg.finetune.resolved()}
+        posts = cfg.post_models()
         for key, m in summary.items():
-            spec = methods.get(key)
+            post_of, post = posts.get(key, (None, None))
+            spec = methods.get(post_of or key)
             values = spec.report_values() if spec is not None else {}
             k1, k2, rho = values.get("k1"), values.get("k2"), values.get("rho")
             metrics = run.eval(key).read_metrics()
             judge = metrics.get("judge")
-            rows.append({"method": spec.name if spec else key, "p": cfg.data.p, "n": cfg.data.n, "rho": rho,
-                         "k1": k1, "k2": k2, "seed": cfg.seed, "hs": m.get("hs"), "fa": m.get("fa"),
+            name = spec.name if spec else post_of or key
+            rows.append({"method": f"{name}+{post.name}" if post else name, "p": cfg.data.p, "n": cfg.data.n,
+                         "rho": rho, "k1": k1, "k2": k2, "seed": cfg.seed, "hs": m.get("hs"), "fa": m.get("fa"),
                          "over_refusal": m.get("over_refusal"), "label": key, "model": cfg.model.name,
                          "task": cfg.data.task, "judge": judge, "setting": setting,
                          "run": str(run.path.relative_to(root)) if run.path != root else root.name,
                          "fa_lenient": metrics.get("fa_lenient"), "hs_plus": metrics.get("hs_plus")})
-            if rho is not None:
+            if rho is not None and post is None:
                 curve = _drift_curve(run, key)
                 if curve:
                     label = f"{key} ({setting}, seed {cfg.seed})" if setting != "all" else f"{key} (seed {cfg.seed})"
@@ -159,7 +166,8 @@ def aggregate(report: Report) -> dict[tuple[str, str], dict[str, tuple]]:
 def _methods(report: Report) -> list[str]:
     order = ["base", "aligned", *DEFENSES]  # the registry's order
     labels = list(dict.fromkeys(r["label"] for r in report.rows))
-    rank = {r["label"]: (order.index(r["method"]) if r["method"] in order else len(order)) for r in report.rows}
+    base = {r["label"]: r["method"].split("+")[0] for r in report.rows}  # a post-processed model after its method
+    rank = {lab: (order.index(m) if m in order else len(order)) for lab, m in base.items()}
     return sorted(labels, key=lambda lab: (rank[lab], labels.index(lab)))
 
 
@@ -305,7 +313,7 @@ def plots(report: Report, out: Path) -> list[tuple[str, str]]:
             if _line_plot(plt, lines, "harmful ratio p" if x == "p" else "fine-tuning samples n", f"{name} (%)",
                           f"{name} vs {x}", path):
                 written.append((path.name, f"{name} vs {x}, mean ± std over seeds"))
-    bi = [r for r in report.rows if r["rho"] is not None]
+    bi = [r for r in report.rows if r["rho"] is not None and "+" not in r["method"]]  # not post-processed models
     lines = _curves(bi, "rho", "hs", lambda r: _rest_of_setting({**r, "label": "bso/lisa"}, ("rho",)))
     path = out / "hs_vs_rho.png"
     if _line_plot(plt, lines, "proximal strength rho", "HS (%)", "HS vs rho (bi-state runs; BSO is rho=0)", path,

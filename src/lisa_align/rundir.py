@@ -8,14 +8,19 @@
     RUN_DIR/finetune/<key>/adapter/      the fine-tuned adapter (or full model)
     RUN_DIR/finetune/<key>/trainer/      Trainer checkpoints (resume)
     RUN_DIR/finetune/<key>/<artifact>    a defense's extra files (Lisa: lisa_switches.json)
+    RUN_DIR/post/<key>+<post>/adapter/   a post defense's result for method <key> (same form as the
+                                         fine-tuned adapter/: a LoRA adapter or a full model)
+    RUN_DIR/post/<key>+<post>/post.json  what the post defense did (Antidote: weights pruned; SafeLoRA:
+                                         the cosine of each layer and those projected)
     RUN_DIR/eval/<model>/predictions/    {harmful,task,benign}.jsonl (+ .<set>.partial.jsonl while running)
     RUN_DIR/eval/<model>/metrics.json
     RUN_DIR/summary.json                 {"<model>": {"hs", "fa", "over_refusal"}}
     RUN_DIR/log.jsonl                    one JSON object per line (see the ``LOG_*`` / ``EVENT_*`` names)
 
 The pipeline, sweep, report, ``lisa evaluate`` and the evaluator go through :class:`RunDir` and
-:class:`EvalDir`; nothing else spells these names. The layout has not changed since the first
-release, so every run folder written so far reads the same way.
+:class:`EvalDir`; nothing else spells these names. The layout has only grown since the first release
+(``post/`` arrived with the post-fine-tuning stage), so every run folder written so far reads the same
+way. A post-processed model is evaluated under its key, ``eval/<key>+<post>/``.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ ALIGNMENT_ADAPTER_DIR = "alignment_adapter"  # inside the aligned model's folder
 
 # ---- log.jsonl: the keys of its records ----------------------------------------------------------
 LOG_EVENT = "event"  # bookkeeping records carry an event name; training records carry "stage" + "step"
-LOG_STAGE = "stage"  # "align", "finetune/<key>", "post/<key>/<defense>"
+LOG_STAGE = "stage"  # "align", "finetune/<key>", "post/<key>+<post>"
 LOG_STEP = "step"
 LOG_SECONDS = "seconds"
 EVENT_MODEL = "model"  # trust_remote_code, allow_pickle, model
@@ -45,6 +50,9 @@ EVENT_DATA = "data"  # row counts of every data set
 EVENT_STAGE_DONE = "stage_done"  # stage, seconds
 EVENT_TOKENIZE = "tokenize"  # stage, part, rows, seconds, cached
 EVENT_RESUME = "resume"  # stage, checkpoint
+EVENT_POST = "post"  # stage, defense, and the post defense's record (post.json) less its per-layer details
+POST_DIR = "post"
+POST_RECORD = "post.json"
 LISA_STEP = "lisa/step"
 LISA_DRIFT = "lisa/drift"
 
@@ -52,6 +60,11 @@ LISA_DRIFT = "lisa/drift"
 def finetune_stage(key: str) -> str:
     """The ``stage`` value of a fine-tuning method's log records."""
     return f"finetune/{key}"
+
+
+def post_stage(key: str) -> str:
+    """The ``stage`` value of a post-processed model's log records (``key``: ``<method>+<post>``)."""
+    return f"{POST_DIR}/{key}"
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,17 @@ class RunDir:
 
     def artifact(self, key: str, name: str) -> Path:
         return self.finetune(key) / name
+
+    # ---- post-fine-tuning ----
+    def post(self, key: str) -> Path:
+        """``post/<key>``, ``key`` a post-processed model's (``<method>+<post>``): complete or absent."""
+        return self.path / POST_DIR / key
+
+    def post_adapter(self, key: str) -> Path:
+        return self.post(key) / "adapter"
+
+    def post_record(self, key: str) -> Path:
+        return self.post(key) / POST_RECORD
 
     # ---- evaluation ----
     @property

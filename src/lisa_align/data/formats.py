@@ -92,14 +92,23 @@ def fmt_gsm8k(row: dict, where: str, i: int | str) -> dict:
 
 
 def fmt_alpaca(row: dict, where: str, i: int | str) -> dict:
+    """instruction/input/output rows, or prompt/response rows. A paired row (RepNoise: a harmful prompt
+    with both its refusal and a harmful answer) also carries ``harmful_output`` (``harmful_response``)."""
     if "instruction" not in row and "prompt" in row:  # prompt / response rows
-        return {"instruction": _nonempty(row, "prompt", where, i), "input": "",
-                "output": _nonempty(row, "response", where, i)}
-    inp = row.get("input") or ""
-    if not isinstance(inp, str):
-        raise LisaError(f"{where}: row {i} field 'input' must be a string, got {type(inp).__name__}; fix that row")
-    return {"instruction": _nonempty(row, "instruction", where, i), "input": inp,
-            "output": _nonempty(row, "output", where, i)}
+        out = {"instruction": _nonempty(row, "prompt", where, i), "input": "",
+               "output": _nonempty(row, "response", where, i)}
+        paired = "harmful_response"
+    else:
+        inp = row.get("input") or ""
+        if not isinstance(inp, str):
+            raise LisaError(f"{where}: row {i} field 'input' must be a string, got {type(inp).__name__}; "
+                            "fix that row")
+        out = {"instruction": _nonempty(row, "instruction", where, i), "input": inp,
+               "output": _nonempty(row, "output", where, i)}
+        paired = "harmful_output"
+    if paired in row:
+        out["harmful_output"] = _nonempty(row, paired, where, i)
+    return out
 
 
 def fmt_prompts(row: dict, where: str, i: int | str) -> dict:

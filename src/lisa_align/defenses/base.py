@@ -6,8 +6,8 @@ defense is one module (a subclass of :class:`Defense`), one line in the registry
 ``defenses/__init__.py`` and one entry in ``tests/test_defense_contract.py``.
 
 - ``stages``: where it may be configured: ``align`` (``align.method``), ``finetune``
-  (``finetune.methods``) or ``post`` (post-fine-tuning transforms: the stage is declared here and
-  arrives with the first post-fine-tuning defense).
+  (``finetune.methods``) or ``post`` (the ``post`` list: a one-shot transform of each fine-tuned
+  model, evaluated beside it as ``<method>+<post>``).
 - ``starts_from``: the model a fine-tuning defense trains: ``aligned`` or the unaligned ``base``.
 - ``adapter``: ``continue`` when a fine-tuning defense always trains the alignment LoRA itself (the
   reference's single-LoRA mode, e.g. its EWC); None follows ``finetune.adapter``.
@@ -19,6 +19,13 @@ defense is one module (a subclass of :class:`Defense`), one line in the registry
 - ``artifacts``: file name → Trainer attribute, written as JSON next to the adapter.
 - ``align_key``: config paths that join the shared-alignment key of a sweep (an align-stage
   defense's data roles join it already).
+- ``post_transform`` (post defenses): the ``"module:function"`` path of its transform, imported when
+  the stage runs; it is called as ``function(defense, model, tokenizer, context)`` with the fine-tuned
+  model (a peft model holding the user adapter, or a full fine-tune) and a
+  :class:`lisa_align.post.PostContext`, changes the weights in place and returns a JSON-able record
+  (written as ``post.json`` next to the result).
+- ``lora_only`` (post defenses): it acts on LoRA factors, so every fine-tuning method must train a
+  LoRA (``finetune.lora``, or a method that continues the alignment LoRA).
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ class Defense(BaseModel):
     datasets: ClassVar[dict[str, DataRole]] = {}
     artifacts: ClassVar[dict[str, str]] = {}
     align_key: ClassVar[tuple[str, ...]] = ()
+    post_transform: ClassVar[str] = ""
+    lora_only: ClassVar[bool] = False
 
     @property
     def key(self) -> str:
@@ -64,8 +73,14 @@ class Defense(BaseModel):
 
     def resolve(self, section: Any) -> Defense:
         """This defense with its defaults filled from the stage's config section (e.g. Lisa's K1, K2
-        and rho from ``finetune.lisa``); raise ValueError for settings that cannot run."""
+        and rho from ``finetune.lisa``; a post defense gets the whole run config); raise ValueError for
+        settings that cannot run."""
         return self
+
+    def post_key(self, model_key: str) -> str:
+        """A post defense's result for the fine-tuned model ``model_key``: its run folder
+        (``post/<key>``) and evaluation key, ``<model_key>+<label or name>`` (e.g. ``lisa+antidote``)."""
+        return f"{model_key}+{self.key}"
 
     def training_arguments(self) -> dict[str, Any]:
         """Keywords of :attr:`arguments` beyond the stage's optimizer settings."""

@@ -56,6 +56,14 @@ class VaccineTrainer(BaseTrainer):
         self.last_perturbation: list[torch.Tensor] | None = None
 
     def _perturbations(self, model, inputs, modules) -> list[torch.Tensor]:
+        """The gradients at the modules' outputs, scaled together to total norm ρ."""
+        grads = self.output_gradients(model, inputs, modules)
+        total = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
+        return [g * (self.args.vaccine_rho / (total + 1e-12)).to(g.dtype) for g in grads]
+
+    def output_gradients(self, model, inputs, modules) -> list[torch.Tensor]:
+        """The gradient of the loss on ``inputs`` with respect to each module's output (a zero where the
+        output does not reach the loss); parameter gradients are untouched (``torch.autograd.grad``)."""
         outputs: list[torch.Tensor] = [None] * len(modules)  # type: ignore[list-item]
 
         def capture(i):
@@ -71,9 +79,7 @@ class VaccineTrainer(BaseTrainer):
             for h in handles:
                 h.remove()
         grads = torch.autograd.grad(loss, outputs, allow_unused=True)
-        grads = [torch.zeros_like(o) if g is None else g.detach() for g, o in zip(grads, outputs)]
-        total = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
-        return [g * (self.args.vaccine_rho / (total + 1e-12)).to(g.dtype) for g in grads]
+        return [torch.zeros_like(o) if g is None else g.detach() for g, o in zip(grads, outputs)]
 
     def random_perturbation(self, x: torch.Tensor) -> torch.Tensor:
         """RandomVaccine's perturbation: Gaussian noise of variance ρ."""
