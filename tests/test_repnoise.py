@@ -3,6 +3,7 @@ loss, the pairing of refusals with harmful answers, and the one-line errors."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import datasets
@@ -10,6 +11,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from lisa_align.data.sources import SourceSpec, load_rows
 from lisa_align.defenses import DEFENSES, RepNoise
 from lisa_align.defenses.repnoise import pair_rows
 from lisa_align.errors import LisaError
@@ -372,10 +374,6 @@ def test_defense_declares_its_stage_data_and_settings():
 def test_paired_rows_load_from_a_file_in_either_schema(tmp_path):
     """A paired file (instruction/output/harmful_output, or prompt/response/harmful_response) keeps the
     harmful answer through the data layer, so its rows pair with themselves; an empty one is one line."""
-    import json
-
-    from lisa_align.data.sources import SourceSpec, load_rows
-
     path = tmp_path / "paired.jsonl"
     path.write_text(json.dumps({"instruction": "q1", "output": "I can't help.", "harmful_output": "Sure, here is how"})
                     + "\n" + json.dumps({"prompt": "q2", "response": "No.", "harmful_response": "Sure, step one"}) + "\n")

@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, TrainerCallback
 
+from lisa_align.config import StageSettings
 from lisa_align.defenses.lisa import validate_lisa_settings
 from lisa_align.errors import LisaError
 from lisa_align.training import (
@@ -29,6 +30,7 @@ from lisa_align.training import (
     LisaTrainer,
     per_example_loss,
 )
+from lisa_align.training.run import training_arguments
 from lisa_align.training.sampler import BiStateBatchSampler, steps_per_epoch
 
 from conftest import tiny_llama
@@ -343,6 +345,40 @@ def test_sampler_user_stream_keeps_position_across_alignment_steps():
     only_user = BiStateBatchSampler(BiStateSchedule(0, 1, 7), n_user=100, n_align=0, batch_size=2, grad_accum=1,
                                     world_size=1, steps_per_epoch=7, seed=0)
     assert flat == [i for s in range(7) for i in only_user.batches_for_step(s)[0]]
+
+
+def test_sampler_groups_by_length_within_each_stream():
+    """group_by_length: each stream's pass is a seeded permutation cut into megabatches sorted by length (the
+    Trainer's get_length_grouped_indices); every row still comes once per pass, the streams stay apart, a
+    batch's rows are of similar length (far less padding than random batches), and it is a pure function
+    of the step (the same batches from a fresh sampler, in any order)."""
+    gen = torch.Generator().manual_seed(0)
+    n_user, n_align, batch = 400, 80, 4
+    lengths = torch.randint(5, 200, (n_user + n_align,), generator=gen).tolist()
+    sched = BiStateSchedule(1, 9, 200)
+    kw = dict(n_user=n_user, n_align=n_align, batch_size=batch, grad_accum=1, world_size=1, steps_per_epoch=100,
+              seed=3)
+    grouped = BiStateBatchSampler(sched, lengths=lengths, **kw)
+    plain = BiStateBatchSampler(sched, **kw)
+
+    def padding(sampler, state):
+        pad = tot = 0
+        for s in range(sched.total_steps):
+            if sched.state(s) == state:
+                for b in sampler.batches_for_step(s):
+                    ls = [lengths[i] for i in b]
+                    pad, tot = pad + max(ls) * len(ls) - sum(ls), tot + max(ls) * len(ls)
+        return pad / tot
+
+    user = [i for s in range(sched.total_steps) if sched.state(s) == F for i in grouped.batches_for_step(s)[0]]
+    assert sorted(user[:n_user]) == list(range(n_user))  # one pass: every user row once
+    align = [i for s in range(sched.total_steps) if sched.state(s) == A for i in grouped.batches_for_step(s)[0]]
+    assert all(n_user <= i < n_user + n_align for i in align) and sorted(align[:n_align]) == list(
+        range(n_user, n_user + n_align))
+    assert padding(grouped, F) < 0.25 * padding(plain, F)
+    again = BiStateBatchSampler(sched, lengths=lengths, **kw)
+    assert [again.batches_for_step(s) for s in reversed(range(50))] == \
+        [grouped.batches_for_step(s) for s in reversed(range(50))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -840,3 +876,9 @@ def test_a_constant_schedule_starts_at_the_set_rate(tmp_path):
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
     assert rates == [2e-3, 2e-3, 2e-3]
+
+
+def test_group_by_length_is_a_stage_setting_that_reaches_the_trainer(tmp_path):
+    assert training_arguments(StageSettings(), tmp_path, seed=0).train_sampling_strategy == "random"
+    grouped = training_arguments(StageSettings(group_by_length=True), tmp_path, seed=0)
+    assert grouped.train_sampling_strategy == "group_by_length"

@@ -98,6 +98,10 @@ class StageSettings(_Strict):
     optim: str = "adamw_torch"
     lora: LoraSettings | None = Field(default_factory=lambda: FINETUNE_LORA.model_copy(deep=True))
     loss_reduction: Literal["token", "example"] = "token"
+    group_by_length: bool = Field(
+        False, description="batches of rows of similar length (random megabatches of up to 50 batches, each "
+        "sorted by length, as the Trainer's group_by_length): less padding, faster on mixed-length rows; the "
+        "reference samples batches at random")
     bf16: bool = False
     logging_steps: int = 10
     report_to: list[str] = Field(default_factory=list, description="e.g. [wandb] or [tensorboard]")

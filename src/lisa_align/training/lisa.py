@@ -108,7 +108,9 @@ class LisaTrainer(BaseTrainer):
         sampler = BiStateBatchSampler(
             self.schedule, n_user=n_user, n_align=n_align, batch_size=self.args.per_device_train_batch_size,
             grad_accum=self.args.gradient_accumulation_steps, world_size=self.args.world_size,
-            steps_per_epoch=spe, seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+            steps_per_epoch=spe, seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            lengths=([len(ids) for ids in data["input_ids"]]
+                     if self.args.train_sampling_strategy == "group_by_length" else None))
         loader = DataLoader(data, batch_sampler=sampler, collate_fn=self.data_collator,
                             num_workers=self.args.dataloader_num_workers,
                             pin_memory=self.args.dataloader_pin_memory)

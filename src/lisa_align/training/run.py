@@ -35,6 +35,7 @@ def training_arguments(stage: StageSettings, output_dir: str | Path, *, seed: in
         per_device_train_batch_size=stage.batch_size, gradient_accumulation_steps=stage.grad_accum,
         weight_decay=stage.weight_decay, lr_scheduler_type=stage.scheduler, warmup_ratio=stage.warmup_ratio,
         max_grad_norm=stage.max_grad_norm, optim=stage.optim, loss_reduction=stage.loss_reduction, seed=seed,
+        train_sampling_strategy="group_by_length" if stage.group_by_length else "random",
         data_seed=seed, bf16=stage.bf16, logging_steps=stage.logging_steps, report_to=stage.report_to or "none",
         save_strategy="steps" if save else "no", save_steps=0.25 if save else 500, save_total_limit=1,
         save_only_model=False, use_cpu=use_cpu, disable_tqdm=not _terminal(), remove_unused_columns=False,
