@@ -65,6 +65,10 @@ def _at(cfg, dotted: str):
     return node
 
 
+# Paper configs of another paper's protocol: the Fidelity rows they set otherwise, stated in their header.
+OTHER_PROTOCOL = {"booster-sst2-poison-ratio.yaml": {"eval.hs_protocol": "booster"}}
+
+
 def test_the_fidelity_table_holds_for_every_paper_config():
     import yaml
 
@@ -72,8 +76,9 @@ def test_the_fidelity_table_holds_for_every_paper_config():
     assert len(rows) >= 6, rows  # the table is there and its settings are config paths
     for path in PAPER:
         cfg = load_config(path)
+        other = OTHER_PROTOCOL.get(path.name, {})
         for setting, value in rows:
-            assert _at(cfg, setting) == yaml.safe_load(value), (path.name, setting)
+            assert _at(cfg, setting) == other.get(setting, yaml.safe_load(value)), (path.name, setting)
 
 
 def test_k1_k2_as_a_ratio_over_a_cycle_of_epochs(micro):

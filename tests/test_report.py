@@ -13,16 +13,27 @@ from lisa_align.cli import main
 from lisa_align.config import config_to_dict, validate_config
 from lisa_align.errors import LisaError
 from lisa_align.io import atomic_write_json, atomic_write_yaml
-from lisa_align.report import EXTRA_COLUMNS, FIDELITY_COLUMNS, RESULT_COLUMNS, collect, markdown, write_report
+from lisa_align.report import (
+    EXTRA_COLUMNS,
+    FIDELITY_COLUMNS,
+    RESULT_COLUMNS,
+    collect,
+    markdown,
+    plot_lines,
+    write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def fake_run(root, micro, *, method, p, seed, hs, fa, over_refusal=0.0, rho=1.0, drift=None, finished=True):
-    """A run folder as `lisa sweep` leaves it: resolved config.yaml, summary.json, metrics, log.jsonl."""
-    name = f"method={method},p={p},seed={seed}"
+def fake_run(root, micro, *, method, p, seed, hs, fa, over_refusal=0.0, rho=1.0, drift=None, finished=True,
+             changes=None):
+    """A run folder as `lisa sweep` leaves it: resolved config.yaml, summary.json, metrics, log.jsonl.
+    ``changes``: further dotted config values (e.g. ``{"finetune.lr": 1e-4}``), also in the run's name."""
+    changes = changes or {}
+    name = ",".join([f"method={method}", f"p={p}", *(f"{k}={v}" for k, v in changes.items()), f"seed={seed}"])
     cfg = micro(name=name, seed=seed, **{"data.p": p, "finetune.methods": [method],
-                                         "finetune.lisa.rho": rho, "eval.models": ["methods"]})
+                                         "finetune.lisa.rho": rho, "eval.models": ["methods"], **changes})
     cfg["output_dir"] = str(root.parent)
     cfg["align"]["output_dir"] = str(root / "_aligned" / f"seed{seed}")
     run = root / name
@@ -146,3 +157,60 @@ def test_report_on_a_real_micro_sweep(tmp_path, monkeypatch, capsys, micro):
     switches = json.loads((root / "method=lisa,p=0.25" / "finetune" / "lisa" / "lisa_switches.json").read_text())
     assert len(lisa) > len(switches) > 0
     assert (root / "report" / "drift.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def _images(out):
+    page = (out / "report.html").read_text()
+    return {name: base64.b64decode(data) for name, data in
+            re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', page)}
+
+
+def test_hs_and_fa_against_the_fine_tuning_learning_rate(tmp_path, micro):
+    """lr varies (epochs, p do not): hs_vs_lr.png and fa_vs_lr.png, one line per method, y the mean over
+    seeds at each lr; no epochs or p plots."""
+    root = tmp_path / "runs" / "lr"
+    hs = {("sft", 1e-4): (60, 80), ("sft", 1e-3): (90, 100), ("lisa", 1e-4): (0, 10), ("lisa", 1e-3): (20, 40)}
+    for (method, lr), per_seed in hs.items():
+        for seed, h in enumerate(per_seed):
+            fake_run(root, micro, method=method, p=0.1, seed=seed, hs=h, fa=90 + seed + (lr > 5e-4),
+                     changes={"finetune.lr": lr})
+    out, report = write_report(root)
+    assert report.settings == ["lr=0.0001", "lr=0.001"]
+    lines = plot_lines(report, "lr", "hs")
+    assert list(lines) == ["lisa", "sft"]
+    assert lines["sft"] == [(1e-4, 70.0, pytest.approx(14.1421, abs=1e-4)), (1e-3, 95.0, pytest.approx(7.0711, abs=1e-4))]
+    assert lines["lisa"] == [(1e-4, 5.0, pytest.approx(7.0711, abs=1e-4)), (1e-3, 30.0, pytest.approx(14.1421, abs=1e-4))]
+    fa = plot_lines(report, "lr", "fa")
+    assert [(x, y) for x, y, _ in fa["sft"]] == [(1e-4, 90.5), (1e-3, 91.5)]
+    for name in ("hs_vs_lr.png", "fa_vs_lr.png"):
+        assert (out / name).read_bytes().startswith(PNG_MAGIC), name
+    for name in ("hs_vs_epochs.png", "fa_vs_epochs.png", "hs_vs_p.png"):
+        assert not (out / name).exists(), name  # one value: no plot
+    images = _images(out)
+    assert set(images) == {"hs_vs_lr.png", "fa_vs_lr.png"}
+    assert images["hs_vs_lr.png"] == (out / "hs_vs_lr.png").read_bytes()
+    with open(out / "results.csv", newline="") as f:
+        assert next(csv.reader(f)) == RESULT_COLUMNS + EXTRA_COLUMNS + FIDELITY_COLUMNS  # unchanged columns
+
+
+def test_hs_and_fa_against_the_fine_tuning_epochs_and_lr_together(tmp_path, micro):
+    """lr and epochs both vary: each plot has a line per method and value of the other setting."""
+    root = tmp_path / "runs" / "robustness"
+    for method, base in (("sft", 50), ("lisa", 0)):
+        for lr in (1e-4, 1e-2):
+            for epochs in (1, 2, 4):
+                fake_run(root, micro, method=method, p=0.1, seed=0, hs=base + 10 * epochs + (5 if lr > 1e-3 else 0),
+                         fa=80 + epochs, changes={"finetune.lr": lr, "finetune.epochs": epochs})
+    out, report = write_report(root)
+    ep = plot_lines(report, "epochs", "hs")
+    assert set(ep) == {f"{m} (lr={lr})" for m in ("sft", "lisa") for lr in (0.0001, 0.01)}
+    assert ep["sft (lr=0.01)"] == [(1.0, 65.0, 0.0), (2.0, 75.0, 0.0), (4.0, 95.0, 0.0)]
+    assert ep["lisa (lr=0.0001)"] == [(1.0, 10.0, 0.0), (2.0, 20.0, 0.0), (4.0, 40.0, 0.0)]
+    by_lr = plot_lines(report, "lr", "hs")
+    assert by_lr["sft (epochs=2.0)"] == [(1e-4, 70.0, 0.0), (1e-2, 75.0, 0.0)]
+    assert [(x, y) for x, y, _ in plot_lines(report, "epochs", "fa")["lisa (lr=0.01)"]] == [(1.0, 81.0), (2.0, 82.0),
+                                                                                           (4.0, 84.0)]
+    names = {"hs_vs_lr.png", "fa_vs_lr.png", "hs_vs_epochs.png", "fa_vs_epochs.png"}
+    for name in names:
+        assert (out / name).read_bytes().startswith(PNG_MAGIC), name
+    assert set(_images(out)) == names

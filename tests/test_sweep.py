@@ -113,6 +113,7 @@ SHIPPED = {
     "configs/paper/table6-gsm8k.yaml": (None, 5, TABLE6),
     "configs/paper/table6-alpacaeval.yaml": (None, 5, TABLE6),
     "configs/paper/table9-rho.yaml": (None, 7, ["lisa"]),
+    "configs/paper/booster-sst2-poison-ratio.yaml": (None, 4 * 5, ["sft", "lisa"]),  # align.method x p
     "configs/embedded/table2.yaml": (None, 1, TABLE2_EMBEDDED),
     "configs/embedded/table3.yaml": (None, 4 * 3, FOUR),
     "configs/embedded/table4.yaml": (None, 6 * 5, ["na_sft", "sft", "ewc_fresh_lora", "vlguard", "bso", "lisa"]),
@@ -122,6 +123,8 @@ SHIPPED = {
     "configs/embedded/table6-gsm8k.yaml": (None, 5, TABLE6),
     "configs/embedded/table6-alpacaeval.yaml": (None, 5, TABLE6),
     "configs/embedded/table9.yaml": (None, 8, ["lisa"]),
+    "configs/embedded/defenses.yaml": (None, 4 * 3, ["sft", "lisa"]),  # align.method x seed
+    "configs/embedded/robustness.yaml": (None, 3 * 3 * 3, ["sft", "lisa"]),  # align.method x lr x epochs
 }
 
 

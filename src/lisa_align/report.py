@@ -15,7 +15,9 @@
 * ``table.md`` / ``table.csv``: the paper's layout, one row per method and one column per setting
   (the config values that differ between runs, seeds aside), each cell HS / FA as mean ± std over
   seeds (sample std; one seed shows the mean only); plus over-refusal in the same layout.
-* ``hs_vs_p.png``, ``fa_vs_p.png`` (and ``hs_vs_n.png``, ``fa_vs_n.png`` when n varies),
+* ``hs_vs_p.png``, ``fa_vs_p.png`` (and ``hs_vs_n.png``, ``fa_vs_n.png`` when n varies;
+  ``hs_vs_lr.png``, ``fa_vs_lr.png`` when the fine-tuning learning rate varies and ``hs_vs_epochs.png``,
+  ``fa_vs_epochs.png`` when its epochs do: one line per method and remaining setting),
   ``hs_vs_rho.png`` (bi-state runs; BSO is ρ = 0) and ``drift.png`` (‖w − anchor‖ over the steps
   of each bi-state run, from ``log.jsonl``), each when the runs give at least two points;
 * ``report.html``: the tables and the plots, embedded as data URIs, so the one file opens anywhere.
@@ -50,7 +52,12 @@ FIDELITY_COLUMNS = ["fa_lenient", "hs_plus"]  # appended last, so readers of the
 _NOT_SETTINGS = ("name", "output_dir", "seed", "finetune.methods", "align.output_dir", "sweep", "slurm")
 # Short names of the usual sweep axes (as in ``lisa sweep``).
 _SHORT = {"data.p": "p", "data.n": "n", "finetune.lisa.rho": "rho", "finetune.lisa.k1": "k1",
-          "finetune.lisa.k2": "k2", "model.name": "model", "data.task": "task"}
+          "finetune.lisa.k2": "k2", "model.name": "model", "data.task": "task", "finetune.lr": "lr",
+          "finetune.epochs": "epochs"}
+# The x axes of the line plots: row field -> (axis label, log scale). A plot is written when some line
+# has two or more x values (the setting varies across the runs).
+PLOT_AXES = {"p": ("harmful ratio p", False), "n": ("fine-tuning samples n", False),
+             "lr": ("fine-tuning learning rate", True), "epochs": ("fine-tuning epochs", False)}
 
 
 @dataclass
@@ -137,7 +144,8 @@ def collect(root: str | Path) -> Report:
                          "over_refusal": m.get("over_refusal"), "label": key, "model": cfg.model.name,
                          "task": cfg.data.task, "judge": judge, "setting": setting,
                          "run": str(run.path.relative_to(root)) if run.path != root else root.name,
-                         "fa_lenient": metrics.get("fa_lenient"), "hs_plus": metrics.get("hs_plus")})
+                         "fa_lenient": metrics.get("fa_lenient"), "hs_plus": metrics.get("hs_plus"),
+                         "lr": cfg.finetune.lr, "epochs": cfg.finetune.epochs})  # for the plots, not results.csv
             if rho is not None and post is None:
                 curve = _drift_curve(run, key)
                 if curve:
@@ -279,14 +287,23 @@ def _curves(rows: list[dict], x: str, y: str, line_of) -> dict[str, list[tuple[f
     return dict(lines)
 
 
-def _line_plot(plt, lines, xlabel, ylabel, title, path: Path, xlog=False) -> bool:
+def plot_lines(report: Report, x: str, y: str) -> dict[str, list[tuple[float, float, float]]]:
+    """The data of the ``{y}_vs_{x}.png`` plot (``x`` a key of :data:`PLOT_AXES`, ``y`` hs or fa):
+    {line label: [(x, mean y, sample std y or 0)]}, y averaged over seeds; a line is a method label
+    with the run's other varying settings (those but ``x``)."""
+    return _curves(report.rows, x, y, lambda r: _rest_of_setting(r, (x,)))
+
+
+def _line_plot(plt, lines, xlabel, ylabel, title, path: Path, xlog: bool | str = False) -> bool:
     if not lines or max(len(v) for v in lines.values()) < 2:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, pts in lines.items():
         xs, ys, es = zip(*pts)
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
-    if xlog:
+    if xlog == "log":
+        ax.set_xscale("log")
+    elif xlog:
         ax.set_xscale("symlog", linthresh=0.1)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
@@ -306,12 +323,11 @@ def plots(report: Report, out: Path) -> list[tuple[str, str]]:
     if plt is None:
         return []
     written = []
-    for x in ("p", "n"):
+    for x, (xlabel, log) in PLOT_AXES.items():
         for y, name in (("hs", "HS"), ("fa", "FA")):
-            lines = _curves(report.rows, x, y, lambda r, x=x: _rest_of_setting(r, (x,)))
             path = out / f"{y}_vs_{x}.png"
-            if _line_plot(plt, lines, "harmful ratio p" if x == "p" else "fine-tuning samples n", f"{name} (%)",
-                          f"{name} vs {x}", path):
+            if _line_plot(plt, plot_lines(report, x, y), xlabel, f"{name} (%)", f"{name} vs {x}", path,
+                          xlog="log" if log else False):
                 written.append((path.name, f"{name} vs {x}, mean ± std over seeds"))
     bi = [r for r in report.rows if r["rho"] is not None and "+" not in r["method"]]  # not post-processed models
     lines = _curves(bi, "rho", "hs", lambda r: _rest_of_setting({**r, "label": "bso/lisa"}, ("rho",)))
@@ -350,7 +366,7 @@ def render_html(report: Report, root: Path, out: Path, images: list[tuple[str, s
                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     if not images:
         figs.append("<p>No plots: install matplotlib (<code>pip install 'lisa-align[plot]'</code>), "
-                    "or sweep at least two values of p, n or rho.</p>")
+                    "or sweep at least two values of p, n, the fine-tuning lr or epochs, or rho.</p>")
     unfinished = (f"<p>Unfinished runs, not in the tables: {html.escape(', '.join(report.unfinished))}</p>"
                   if report.unfinished else "")
     return f"""<!doctype html>
@@ -389,4 +405,5 @@ def write_report(root: str | Path, out: str | Path | None = None) -> tuple[Path,
 
 
 __all__ = ["RESULT_COLUMNS", "EXTRA_COLUMNS", "FIDELITY_COLUMNS", "Report", "collect", "aggregate", "paper_table",
-           "markdown", "table_csv", "results_csv", "plots", "render_html", "write_report", "find_runs", "mean_std"]
+           "markdown", "table_csv", "results_csv", "plot_lines", "PLOT_AXES", "plots", "render_html", "write_report",
+           "find_runs", "mean_std"]
