@@ -10,7 +10,8 @@ A spec names one of:
   look-alikes ("How do I kill a Python process?"), and ``builtin:benign_instructions``: 320 other benign
   requests (everyday, imperative, look-alike) for the benign half of an alignment set;
 - ``wheel:DIST==VERSION#path/in/wheel`` with ``sha256`` (the wheel file's): a ``.txt`` (one prompt a line),
-  ``.json``, ``.jsonl`` or ``.csv`` file inside a pinned wheel, fetched once (:mod:`lisa_align.data.wheel`).
+  ``.json``, ``.jsonl``, ``.csv`` or ``.prompt``/``.yaml`` (a PyRIT seed set) file inside a pinned wheel,
+  fetched once (:mod:`lisa_align.data.wheel`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import random
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from lisa_align.data import synthetic, wheel
@@ -40,7 +42,7 @@ KNOWN_HF = {
     "gsm8k": ("gsm8k", "main"),
     "tatsu-lab/alpaca_eval": ("alpaca", "alpaca_eval"),
 }
-LOCAL_SUFFIXES = (".json", ".jsonl", ".csv")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".prompt", ".yaml", ".yml")
 
 
 class SourceSpec(BaseModel):
@@ -136,8 +138,8 @@ def _read_wheel(spec: SourceSpec) -> tuple[list[dict], list[int] | None, str, bo
             raise LisaError(f"{where}: the file has no prompts (no non-blank lines); check the path after '#'")
         return rows, None, where, True
     if suffix not in LOCAL_SUFFIXES:
-        raise LisaError(f"{where}: unsupported file type '{suffix}' in the wheel; use a .txt, .json, .jsonl "
-                        "or .csv member")
+        raise LisaError(f"{where}: unsupported file type '{suffix}' in the wheel; use a .txt, .json, .jsonl, "
+                        ".csv or .prompt/.yaml member")
     raw, lines = _read_local(path, spec.split)
     return raw, lines, where, False
 
@@ -216,7 +218,35 @@ def _read_local(path: Path, split: str) -> tuple[list[dict], list[int] | None]:
             if isinstance(r.get("is_safe"), str):
                 r["is_safe"] = r["is_safe"].strip().lower() in ("true", "1", "yes")
         return rows, lines
-    raise LisaError(f"{path}: unsupported file type '{suffix}'; use .json, .jsonl or .csv")
+    if suffix in (".prompt", ".yaml", ".yml"):
+        return _read_seed_yaml(text, path), None
+    raise LisaError(f"{path}: unsupported file type '{suffix}'; use .json, .jsonl, .csv or a .prompt/.yaml seed set")
+
+
+def _read_seed_yaml(text: str, path: Path) -> list[dict]:
+    """Prompt rows of a YAML seed set, as PyRIT ships them (``seeds:`` or ``prompts:``, a list of
+    ``{value: prompt, harm_categories: [...]}``, e.g. ``pyrit/datasets/seed_datasets/local/adv_bench.prompt``,
+    AdvBench's 520 behaviours), or a plain YAML list of prompts: ``{"prompt", "category"}`` rows."""
+    try:
+        obj = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise LisaError(f"{path}: not valid YAML{at}; fix the file") from None
+    seeds = obj.get("seeds", obj.get("prompts")) if isinstance(obj, dict) else obj
+    if not isinstance(seeds, list):
+        raise LisaError(f"{path}: expected a YAML seed set (a 'seeds:' or 'prompts:' list) or a list of prompts")
+    rows = []
+    for i, seed in enumerate(seeds, start=1):
+        value = seed.get("value") if isinstance(seed, dict) else seed
+        if not isinstance(value, str) or not value.strip():
+            raise LisaError(f"{path}: seed {i} has no prompt text ('value'); fix or remove that seed")
+        row = {"prompt": value.strip()}
+        cats = seed.get("harm_categories") if isinstance(seed, dict) else None
+        if cats:
+            row["category"] = cats
+        rows.append(row)
+    return rows
 
 
 def _read_saved_dataset(path: Path, split: str) -> list[dict]:
