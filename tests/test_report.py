@@ -214,3 +214,22 @@ def test_hs_and_fa_against_the_fine_tuning_epochs_and_lr_together(tmp_path, micr
     for name in names:
         assert (out / name).read_bytes().startswith(PNG_MAGIC), name
     assert set(_images(out)) == names
+
+
+def test_bundle_axis_runs_are_labelled_by_their_bundle(tmp_path, micro):
+    """Runs of a sweep's bundle axis (``variant: [{label: ..., <paths>: ...}]``) get the label as their
+    setting, not the list of config values the bundle set."""
+    root = tmp_path / "runs" / "bundles"
+    grid = {"variant": [{"label": "plain"}, {"label": "strong", "finetune.lr": 0.01, "finetune.epochs": 3}]}
+    for label, changes, hs in (("plain", {}, 90.0), ("strong", {"finetune.lr": 0.01, "finetune.epochs": 3}, 40.0)):
+        cfg = micro(name=f"variant={label}", **{"finetune.methods": ["sft"], "eval.models": ["methods"],
+                                                "sweep": {"grid": grid}, **changes})
+        cfg["output_dir"] = str(root.parent)
+        run = root / f"variant={label}"
+        atomic_write_yaml(run / "config.yaml", config_to_dict(validate_config(cfg)))
+        atomic_write_json(run / "summary.json", {"sft": {"hs": hs, "fa": 90.0, "over_refusal": 0.0}})
+        atomic_write_json(run / "eval" / "sft" / "metrics.json", {"hs": hs, "fa": 90.0, "judge": "refusal"})
+        (run / "log.jsonl").write_text("")
+    rep = collect(root)
+    assert sorted(r["setting"] for r in rep.rows) == ["variant=plain", "variant=strong"]
+    assert {r["setting"]: r["hs"] for r in rep.rows} == {"variant=plain": 90.0, "variant=strong": 40.0}

@@ -10,7 +10,7 @@ import yaml
 
 from lisa_align.cli import main
 from lisa_align.errors import LisaError
-from lisa_align.sweep import expand, parse_grid, plan
+from lisa_align.sweep import bundle_point, expand, parse_grid, plan, value_part
 
 
 def test_grid_expansion_and_aliases():
@@ -94,6 +94,92 @@ def test_grid_from_the_config(config):
         plan(str(config), [])
 
 
+def _with_grid(config, grid):
+    raw = yaml.safe_load(config.read_text())
+    raw["sweep"] = {"grid": grid}
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return config
+
+
+def test_mapping_axis_values_name_their_run_folders(config):
+    long = {"name": "t_vaccine", "sampled_layers": 1, "resample_every": 10, "measure_every": 50, "harmful_rows": 8}
+    _with_grid(config, {"align.method": ["sft", {"name": "vaccine", "rho": 0.5},
+                                         {"name": "vaccine", "rho": 5, "label": "vac5"}, long]})
+    root, runs = plan(str(config), [])
+    digest = value_part("align.method", long).split("-")[1]
+    assert len(digest) == 8 and digest == value_part("align.method", dict(reversed(list(long.items())))).split("-")[1]
+    assert [r["name"] for r in runs] == ["align.method=sft", "align.method=vaccine-rho=0.5", "align.method=vac5",
+                                         f"align.method=t_vaccine-{digest}"]
+    assert [r["align"]["method"].get("rho") for r in runs] == [None, 0.5, 5, 3.0]
+    assert runs[2]["align"]["method"]["label"] == "vac5" and runs[3]["align"]["method"]["sampled_layers"] == 1
+    assert len({r["align"]["output_dir"] for r in runs}) == 4
+    # the same values on the command line: a YAML flow list
+    _, cli = plan(str(config), ["align.method=[sft, {name: vaccine, rho: 0.5}]", "seed=0,1"])
+    assert [r["name"] for r in cli] == ["align.method=sft,seed=0", "align.method=sft,seed=1",
+                                        "align.method=vaccine-rho=0.5,seed=0", "align.method=vaccine-rho=0.5,seed=1"]
+    assert value_part("finetune.lora", {"r": 4, "alpha": 8}) == "lora-alpha=8-r=4"
+    assert value_part("finetune.lora", {"r": 4, "target_modules": ["q_proj"]}).startswith("lora-")  # a list: hashed
+
+
+def test_a_bundle_axis_applies_all_its_keys_and_shares_the_alignment(config):
+    raw = yaml.safe_load(config.read_text())
+    raw["align"]["lora"] = {"r": 4}
+    config.write_text(yaml.safe_dump(raw))
+    _with_grid(config, {"variant": [
+        {"label": "base"},
+        {"label": "cont", "finetune.adapter": "continue", "method": "sft", "finetune.lr": 0.002},
+        {"label": "vac", "align.method": {"name": "vaccine", "rho": 0.5}, "finetune.methods": ["sft"]},
+    ], "p": [0, 0.25]})
+    root, runs = plan(str(config), [])
+    assert [r["name"] for r in runs] == ["variant=base,p=0", "variant=base,p=0.25", "variant=cont,p=0",
+                                         "variant=cont,p=0.25", "variant=vac,p=0", "variant=vac,p=0.25"]
+    by = {r["name"]: r for r in runs}
+    cont = by["variant=cont,p=0.25"]
+    assert cont["finetune"]["adapter"] == "continue" and cont["finetune"]["lr"] == 0.002
+    assert [m["name"] for m in cont["finetune"]["methods"]] == ["sft"] and cont["data"]["p"] == 0.25
+    base = by["variant=base,p=0"]
+    assert base["finetune"]["adapter"] == "new" and len(base["finetune"]["methods"]) > 1
+    assert by["variant=vac,p=0"]["align"]["method"] == {"name": "vaccine", "label": None, "rho": 0.5}
+    # the same alignment: one aligned model for base and cont (they differ in fine-tuning only)
+    assert len({by[n]["align"]["output_dir"] for n in by if "vac" not in n}) == 1
+    assert len({r["align"]["output_dir"] for r in runs}) == 2
+    assert bundle_point(cont) == ({"variant": "cont"}, ["finetune.adapter", "finetune.methods", "finetune.lr"])
+    assert bundle_point(by["variant=base,p=0"]) == ({"variant": "base"}, [])
+    assert bundle_point({"name": "method=sft,p=0"}) == ({}, [])
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"variant": [{"align.method": "booster"}]}, "grid axis 'variant' is a bundle axis"),
+    ({"variant": ["sft"]}, "grid axis 'variant' is a bundle axis"),
+    ({"variant": [{"label": "a"}, {"label": "a", "data.p": 0.5}]}, "grid axis 'variant': two values have the label 'a'"),
+    ({"variant": [{"label": "a/b"}]}, "label 'a/b' must be"),
+    ({"variant": [{"label": "a", "finetune.adpter": "continue"}]},
+     "grid axis 'variant' value 'a': unknown config path 'finetune.adpter'"),
+    ({"variant": [{"label": "a", "align.method": {"name": "t_vaccine", "sampled_layer": 1}}]},
+     "grid axis 'variant' value 'a'"),
+    ({"align.method": ["sft", {"name": "vaccine", "rho": "x"}]}, "grid axis 'align.method' value 'vaccine-rho=x'"),
+    ({"align.method": [{"name": "vaccine"}, "vaccine"]}, "two values have the run-folder name part 'vaccine'"),
+    ({"variant": [{"label": "a", "data.p": 0.5}], "p": [0, 0.1]}, "grid axes 'variant' and 'p' both set 'data.p'"),
+    ({"finetune.lroa.r": [4, 8]}, "unknown config path 'finetune.lroa.r'"),
+])
+def test_grid_errors_name_the_axis_and_value_in_one_line(config, grid, message, capsys):
+    _with_grid(config, grid)
+    with pytest.raises(LisaError) as e:
+        plan(str(config), [])
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert main(["sweep", str(config), "--launcher", "slurm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
+
+
+def test_a_grid_of_plain_values_names_its_runs_as_before(config):
+    root, runs = plan(str(config), ["align.method=sft,vaccine", "finetune.lisa.rho=1,10", "method=sft", "seed=0"])
+    assert [r["name"] for r in runs][:2] == ["align.method=sft,finetune.lisa.rho=1,method=sft,seed=0",
+                                             "align.method=sft,finetune.lisa.rho=10,method=sft,seed=0"]
+    with pytest.raises(LisaError, match="plain scalars"):
+        parse_grid(["variant=[{label: a"])
+
+
 REPO = Path(__file__).resolve().parents[1]
 FOUR = ["sft", "vlguard", "bso", "lisa"]
 TABLE6 = ["na_sft", "sft", "vlguard", "bso", "lisa"]
@@ -113,7 +199,7 @@ SHIPPED = {
     "configs/paper/table6-gsm8k.yaml": (None, 5, TABLE6),
     "configs/paper/table6-alpacaeval.yaml": (None, 5, TABLE6),
     "configs/paper/table9-rho.yaml": (None, 7, ["lisa"]),
-    "configs/paper/booster-sst2-poison-ratio.yaml": (None, 4 * 5, ["sft", "lisa"]),  # align.method x p
+    "configs/paper/booster-sst2-poison-ratio.yaml": (None, 6 * 5, ["sft", "lisa"]),  # variant x p
     "configs/embedded/table2.yaml": (None, 1, TABLE2_EMBEDDED),
     "configs/embedded/table3.yaml": (None, 4 * 3, FOUR),
     "configs/embedded/table4.yaml": (None, 6 * 5, ["na_sft", "sft", "ewc_fresh_lora", "vlguard", "bso", "lisa"]),
@@ -123,7 +209,7 @@ SHIPPED = {
     "configs/embedded/table6-gsm8k.yaml": (None, 5, TABLE6),
     "configs/embedded/table6-alpacaeval.yaml": (None, 5, TABLE6),
     "configs/embedded/table9.yaml": (None, 8, ["lisa"]),
-    "configs/embedded/defenses.yaml": (None, 4 * 3, ["sft", "lisa"]),  # align.method x seed
+    "configs/embedded/defenses.yaml": (None, 6 * 3, ["sft", "lisa"]),  # defense x seed
     "configs/embedded/robustness.yaml": (None, 3 * 3 * 3, ["sft", "lisa"]),  # align.method x lr x epochs
 }
 

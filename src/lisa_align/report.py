@@ -43,6 +43,7 @@ from lisa_align.defenses import DEFENSES
 from lisa_align.errors import LisaError
 from lisa_align.io import atomic_write_bytes, atomic_write_text, read_json
 from lisa_align.rundir import LISA_DRIFT, LISA_STEP, LOG_STAGE, LOG_STEP, RunDir, find_runs, finetune_stage
+from lisa_align.sweep import bundle_point
 
 RESULT_COLUMNS = ["method", "p", "n", "rho", "k1", "k2", "seed", "hs", "fa", "over_refusal"]
 EXTRA_COLUMNS = ["label", "model", "task", "judge", "setting", "run"]
@@ -122,13 +123,18 @@ def collect(root: str | Path) -> Report:
     flat = [_flatten(_without_run_seed(raw)) for _, raw, _, _ in runs]
     keys = sorted({k for f in flat for k in f if _is_setting_key(k)})
     varying = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+    points = [bundle_point(raw) for _, raw, _, _ in runs]  # a sweep's bundle axes: their labels name the setting
+    hidden = {h for _, paths in points for h in paths}
+    varying = [k for k in varying if not any(k == h or k.startswith(h + ".") for h in hidden)]
 
     rows: list[dict[str, Any]] = []
     drift: dict[str, list[tuple[int, float]]] = {}
     settings: dict[str, tuple] = {}
-    for (run, _raw, cfg, summary), f in zip(runs, flat):
-        setting = ", ".join(f"{_SHORT.get(k, k)}={f.get(k)}" for k in varying) or "all"
-        settings.setdefault(setting, tuple((f.get(k) is None, str(type(f.get(k))), f.get(k)) for k in varying))
+    for (run, _raw, cfg, summary), f, (labels, _) in zip(runs, flat, points):
+        setting = ", ".join([f"{a}={lab}" for a, lab in labels.items()]
+                            + [f"{_SHORT.get(k, k)}={f.get(k)}" for k in varying]) or "all"
+        settings.setdefault(setting, tuple((False, "str", lab) for lab in labels.values())
+                            + tuple((f.get(k) is None, str(type(f.get(k))), f.get(k)) for k in varying))
         methods = {m.key: m for m in cfg.finetune.resolved()}
         posts = cfg.post_models()
         for key, m in summary.items():

@@ -1,10 +1,15 @@
 """Grid sweeps: expand ``key=v1,v2`` axes into runs (run in sequence by ``pipeline.run_sweep``) or a Slurm array.
 
 Axis keys are dotted config paths, or the short names ``method``, ``p``, ``n``, ``rho``, ``k1``,
-``k2``, ``seed``. Every run is a normal ``lisa run`` with its own run folder under the sweep's
-folder (``<output_dir>/<name>/<axis values>``). Locally, runs that share the seed, the model, the
-alignment settings and the data the alignment defense reads share one aligned model
-(``_aligned/<hash>``, :func:`aligned_key`), and finished runs are skipped. With ``--launcher
+``k2``, ``seed``. A value is a scalar, or, for a config path, a mapping (a defense entry such as
+``align.method: {name: t_vaccine, sampled_layers: 1}``, or a section such as ``finetune.lora``). An
+axis whose key is not a config path (``variant``, ``defense``) is a *bundle* axis: each value is a
+mapping ``{label: NAME, <config path>: value, ...}`` whose paths are set together (``{label: sft}``
+sets nothing). Every run is a normal ``lisa run`` with its own run folder under the sweep's folder
+(``<output_dir>/<name>/<axis>=<value>,...``: a scalar as written, a bundle by its label, a mapping
+by its ``label``, else its name and settings, :func:`value_part`). Locally, runs that share the
+seed, the model, the alignment settings and the data the alignment defense reads share one aligned
+model (``_aligned/<hash>``, :func:`aligned_key`), and finished runs are skipped. With ``--launcher
 slurm`` the sweep writes one config per run and an sbatch array script (resources from the config's
 ``slurm`` section), then submits it or prints the command; array tasks run concurrently, so each
 aligns in its own folder.
@@ -15,14 +20,16 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel
 
-from lisa_align.config import apply_overrides, config_to_dict, read_config_file, validate_config
+from lisa_align.config import RunConfig, apply_overrides, config_to_dict, read_config_file, validate_config
 from lisa_align.defenses import DEFENSES
 from lisa_align.errors import LisaError
 from lisa_align.io import atomic_write_text, atomic_write_yaml
@@ -32,33 +39,181 @@ ALIASES = {"method": "finetune.methods", "p": "data.p", "n": "data.n", "rho": "f
            "k1": "finetune.lisa.k1", "k2": "finetune.lisa.k2", "seed": "seed"}
 
 
+# A bundle label, or a mapping value's label: one safe run-folder name part.
+LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+_READABLE = re.compile(r"[A-Za-z0-9_.+=-]+")  # a mapping value's name-k=v part, when it is this short and plain
+_READABLE_MAX = 40
+
+
 def parse_grid(items: list[str]) -> list[tuple[str, list]]:
+    """``key=v1,v2`` (plain scalars), or ``key=[v1, {name: x, s: 1}]`` (a YAML flow list: mappings too)."""
     axes = []
     for item in items:
         if "=" not in item:
             raise LisaError(f"grid axis '{item}' must look like key=v1,v2 (e.g. p=0,0.1,0.2)")
         key, values = item.split("=", 1)
+        key = key.strip()
         try:
-            vals = [yaml.safe_load(v) for v in values.split(",") if v.strip() != ""]
+            if values.strip().startswith("["):
+                vals = yaml.safe_load(values)
+                if not isinstance(vals, list):
+                    raise yaml.YAMLError("not a list")
+            else:
+                vals = [yaml.safe_load(v) for v in values.split(",") if v.strip() != ""]
         except yaml.YAMLError:
-            raise LisaError(f"grid axis '{key}': values are plain scalars separated by commas (got '{values}'); "
-                            "to vary several method settings together, list labelled methods in "
-                            "finetune.methods instead") from None
+            raise LisaError(f"grid axis '{key}': values are plain scalars separated by commas (got '{values}'), "
+                            f"or a YAML list: {key}='[sft, {{name: t_vaccine, sampled_layers: 1}}]'; a bundle "
+                            "axis: variant='[{label: a, align.method: booster, finetune.adapter: continue}, "
+                            "...]'") from None
         if not vals:
             raise LisaError(f"grid axis '{key}' has no values")
-        axes.append((key.strip(), vals))
+        axes.append((key, vals))
     return axes
+
+
+def is_config_path(key: str) -> bool:
+    """A grid axis that sets one config path (a short name, a dotted path or a top-level key); any
+    other axis is a bundle axis."""
+    return key in ALIASES or "." in key or key in RunConfig.model_fields
+
+
+def _unknown_part(dotted: str) -> str | None:
+    """The first part of a dotted config path that names no setting, else None (below a defense entry,
+    a list or a mapping of free keys, config validation judges)."""
+    model: type[BaseModel] | None = RunConfig
+    for part in dotted.split("."):
+        if model is None:
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return part
+        ann = field.annotation
+        kinds = [t for t in (ann, *getattr(ann, "__args__", ())) if t is not type(None)]
+        models = [t for t in kinds if isinstance(t, type) and issubclass(t, BaseModel)]
+        # a section, or an optional one (lora: null); not a union of defense entries (align.method)
+        model = models[0] if len(models) == 1 and len(kinds) <= 2 else None
+    return None
+
+
+def _scalar_text(v) -> str | None:
+    return None if isinstance(v, (dict, list)) or v is None else str(v)
+
+
+def value_part(key: str, val) -> str:
+    """The run-folder name part of an axis value: a scalar as written; a mapping by its ``label``,
+    else its ``name`` plus its settings, ``name-k=v-k2=v2`` (sorted) when short and plain, else
+    ``name-<8 hex of the settings' hash>``."""
+    if not isinstance(val, dict):
+        return str(val)
+    if val.get("label") is not None:
+        return str(val["label"])
+    settings = {k: v for k, v in val.items() if k not in ("name", "label")}
+    name = val.get("name")
+    texts = [_scalar_text(v) for _, v in sorted(settings.items())]
+    readable = "-".join(f"{k}={t}" for (k, _), t in zip(sorted(settings.items()), texts))
+    prefix = str(name) if name is not None else key.split(".")[-1]
+    if not settings:
+        return prefix
+    if all(t is not None for t in texts) and len(readable) <= _READABLE_MAX and _READABLE.fullmatch(readable):
+        return f"{prefix}-{readable}"
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{prefix}-{digest}"
+
+
+def _bundle_paths(val: dict) -> list[str]:
+    return [ALIASES.get(k, k) for k in val if k != "label"]
+
+
+def check_axes(axes: list[tuple[str, list]]) -> None:
+    """One-line LisaErrors for a grid that cannot name or configure its runs: a bundle value that is
+    not a labelled mapping, a duplicate folder name part, an unknown config path, two axes that set
+    the same path."""
+    owners: dict[str, str] = {}  # config path -> the axis that sets it
+    for key, vals in axes:
+        if not isinstance(vals, list) or not vals:
+            raise LisaError(f"grid axis '{key}': give a non-empty list of values")
+        if is_config_path(key):
+            paths = [ALIASES.get(key, key)]
+        else:
+            paths = []
+            for val in vals:
+                shown = json.dumps(val, sort_keys=True, default=str)
+                if not isinstance(val, dict) or not isinstance(val.get("label"), str):
+                    raise LisaError(f"grid axis '{key}' is a bundle axis ('{key}' is no config path), so each value "
+                                    f"is a mapping with a label and config paths, e.g. {{label: booster, "
+                                    f"align.method: booster, finetune.adapter: continue}}; got {shown}")
+                if not LABEL.fullmatch(val["label"]):
+                    raise LisaError(f"grid axis '{key}' value {shown}: label '{val['label']}' must be letters, "
+                                    "digits and _ . + - (it names the run folders)")
+                for path in _bundle_paths(val):
+                    bad = _unknown_part(path)
+                    if bad is not None:
+                        raise LisaError(f"grid axis '{key}' value '{val['label']}': unknown config path '{path}' "
+                                        f"(no setting '{bad}')")
+                    paths.append(path)
+        if is_config_path(key):
+            bad = _unknown_part(paths[0])
+            if bad is not None:
+                raise LisaError(f"grid axis '{key}': unknown config path '{paths[0]}' (no setting '{bad}')")
+            for val in vals:
+                if isinstance(val, dict) and val.get("label") is not None and not LABEL.fullmatch(str(val["label"])):
+                    raise LisaError(f"grid axis '{key}' value {json.dumps(val, sort_keys=True, default=str)}: label "
+                                    f"'{val['label']}' must be letters, digits and _ . + - (it names the run folders)")
+        seen: dict[str, object] = {}
+        for val in vals:
+            part = value_part(key, val)
+            if part in seen:
+                what = "label" if not is_config_path(key) else "run-folder name part"
+                raise LisaError(f"grid axis '{key}': two values have the {what} '{part}' "
+                                f"({json.dumps(seen[part], default=str)} and {json.dumps(val, default=str)}); "
+                                "give each a distinct label")
+            seen[part] = val
+        for path in dict.fromkeys(paths):
+            for other, owner in owners.items():
+                if owner != key and (path == other or path.startswith(other + ".") or other.startswith(path + ".")):
+                    raise LisaError(f"grid axes '{owner}' and '{key}' both set '{min(path, other, key=len)}': "
+                                    "a run gets one value; drop it from one of them")
+            owners.setdefault(path, key)
+
+
+def _overrides(key: str, val) -> list[str]:
+    if not is_config_path(key):  # a bundle: its paths, in the order written
+        return [_override(k, v) for k, v in val.items() if k != "label"]
+    return [_override(key, val)]
+
+
+def _override(key: str, val) -> str:
+    if key == "method" and not isinstance(val, list):  # method=sft: that one fine-tuning method
+        val = [val]
+    return f"{ALIASES.get(key, key)}={json.dumps(val)}"
+
+
+def bundle_point(raw: dict) -> tuple[dict[str, str], list[str]]:
+    """Of a run config a sweep planned: {bundle axis: label} read from its name (``variant=booster,p=0.1``),
+    and the config paths those bundle values set (from the config's ``sweep.grid``; none for a grid
+    given on the command line), so that a report can label the run by the bundle, not by those paths."""
+    name = str(raw.get("name") or "")
+    grid = (raw.get("sweep") or {}).get("grid") or {}
+    labels: dict[str, str] = {}
+    paths: list[str] = []
+    for m in re.finditer(r"(?:^|,)([^,=]+)=([A-Za-z0-9_][A-Za-z0-9_.+-]*)(?=,|$)", name):
+        axis, label = m.group(1), m.group(2)
+        if is_config_path(axis):
+            continue
+        labels[axis] = label
+        for val in grid.get(axis) or []:
+            if isinstance(val, dict) and val.get("label") == label:
+                paths += _bundle_paths(val)
+    return labels, list(dict.fromkeys(paths))
 
 
 def expand(axes: list[tuple[str, list]]) -> list[tuple[str, list[str]]]:
     """(run name, overrides) for every combination of the axes."""
+    check_axes(axes)
     runs = []
     for combo in itertools.product(*[vals for _, vals in axes]):
-        name = ",".join(f"{key}={val}" for (key, _), val in zip(axes, combo))
-        overrides = []
-        for (key, _), val in zip(axes, combo):
-            path = ALIASES.get(key, key)
-            overrides.append(f"{path}={json.dumps([val]) if key == 'method' else json.dumps(val)}")
+        name = ",".join(f"{key}={value_part(key, val)}" for (key, _), val in zip(axes, combo))
+        overrides = [o for (key, _), val in zip(axes, combo) for o in _overrides(key, val)]
         runs.append((name, overrides))
     return runs
 
@@ -107,14 +262,33 @@ def plan(config_path: str, grid: list[str], extra: list[str] | None = None, *, s
     if not axes:
         raise LisaError(f"{p}: no grid: pass --grid key=v1,v2 ... or add sweep: {{grid: {{p: [0, 0.1]}}}} "
                         "to the config")
+    try:
+        check_axes(axes)
+    except LisaError as e:
+        raise LisaError(f"{p}: {e}") from None
     runs = []
-    for name, overrides in expand(axes):
+    for combo, (name, overrides) in zip(itertools.product(*[vals for _, vals in axes]), expand(axes)):
         raw = apply_overrides(json.loads(json.dumps(base)), overrides + [f"output_dir={root}", f"name={name}"])
-        cfg = config_to_dict(validate_config(raw, f"{p} [{name}]"))
+        try:
+            cfg = config_to_dict(validate_config(raw, f"{p} [{name}]"))
+        except LisaError:
+            _blame_value(base, p, axes, combo)
+            raise
         if share_aligned and cfg["align"]["enabled"] and not cfg["align"].get("output_dir"):
             cfg["align"]["output_dir"] = str(root / SHARED_ALIGNED_DIR / aligned_key(cfg))
         runs.append(cfg)
     return root, runs
+
+
+def _blame_value(base: dict, p: Path, axes: list[tuple[str, list]], combo: tuple) -> None:
+    """When a run's config fails validation: the one-line error of the first mapping (or bundle) value
+    that fails on the sweep's config alone, naming its axis and value; else nothing (the run's own
+    error, which names every axis value, stands)."""
+    for (key, _), val in zip(axes, combo):
+        if not isinstance(val, dict):
+            continue
+        raw = apply_overrides(json.loads(json.dumps(base)), _overrides(key, val))
+        validate_config(raw, f"{p}: grid axis '{key}' value '{value_part(key, val)}'")
 
 
 def write_slurm(root: Path, runs: list[dict]) -> Path:
