@@ -168,7 +168,7 @@ def test_unsupported_suffix(tmp_path):
     path.write_text("hello", encoding="utf-8")
     with pytest.raises(LisaError) as e:
         load(path)
-    check(e, str(path), "'.txt'", ".json, .jsonl or .csv")
+    check(e, str(path), "'.txt'", ".json, .jsonl, .csv or a .prompt/.yaml seed set")
 
 
 def test_folder_that_is_not_a_dataset(tmp_path):
