@@ -199,3 +199,68 @@ def test_lora_a_has_fisher_only_under_a_continued_adapter(tmp_path):
             if "lora_B" in n:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))  # as an alignment LoRA after training
     assert all(float(f.abs().max()) > 0 for f in fisher_of_lora_a(continued))
+
+
+def test_ewc_under_fsdp_is_refused_in_one_line(tmp_path, monkeypatch):
+    """accelerate runs no FSDP on the CPU, so EWC on sharded parameters has never run here: refused."""
+    from transformers import Trainer
+
+    def fsdp_accelerator(self):
+        Trainer.create_accelerator_and_postprocess(self)
+        self.is_fsdp_enabled = True
+
+    monkeypatch.setattr(EWCTrainer, "create_accelerator_and_postprocess", fsdp_accelerator)
+    with pytest.raises(LisaError, match="EWC does not support FSDP") as err:
+        _trainer(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def _restore_sharded(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of a 2-process gloo group: w0/Fisher restored into DTensor shards (Shard(0)) from each
+    rank's saved local shard, as BaseTrainer._save_checkpoint writes them under FSDP2."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    from lisa_align.training.callbacks import local_shard
+    from lisa_align.training.state import restore_like
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        g = torch.Generator().manual_seed(0)
+        params = [distribute_tensor(torch.randn(6, 3, generator=g), mesh, [Shard(0)]) for _ in range(2)]
+        saved_full = [torch.randn(6, 3, generator=g) for _ in range(2)]  # the same on every rank
+        saved = {f"fisher.{i}": local_shard(distribute_tensor(t, mesh, [Shard(0)])).clone()
+                 for i, t in enumerate(saved_full)}
+        restored = restore_like(params, saved, "fisher")
+        ok = all(type(r) is type(p) and r.placements == p.placements and torch.equal(r.full_tensor(), t)
+                 for r, p, t in zip(restored, params, saved_full))
+        torch.save(ok, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_restore_fills_each_ranks_shard_of_a_dtensor(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:  # a free port for the group
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_restore_sharded, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)] == [True, True]
+
+
+def test_restore_of_another_shape_is_one_line():
+    from lisa_align.training.state import restore_like
+
+    params = [torch.zeros(4, 2)]
+    assert torch.equal(restore_like(params, {"reference.0": torch.ones(4, 2)}, "reference")[0], torch.ones(4, 2))
+    with pytest.raises(LisaError, match=r"shape \(2, 2\) for reference.0, this run's shard has shape \(4, 2\)"):
+        restore_like(params, {"reference.0": torch.ones(2, 2)}, "reference")
+    with pytest.raises(LisaError, match="holds none for fisher.0"):
+        restore_like(params, {}, "fisher")

@@ -77,9 +77,98 @@ def test_slurm_array_script(config, capsys):
     cfgs = sorted((root / "configs").glob("*.yaml"))
     assert len(cfgs) == 3
     assert {yaml.safe_load(c.read_text())["data"]["p"] for c in cfgs} == {0, 0.1, 0.2}
-    assert all(yaml.safe_load(c.read_text())["align"]["output_dir"] is None for c in cfgs)
-    assert f"sbatch {root / 'sweep.sbatch'}" in out
+    # the three runs share one aligned model, trained by one alignment job before the array starts
+    aligned = {yaml.safe_load(c.read_text())["align"]["output_dir"] for c in cfgs}
+    assert len(aligned) == 1 and Path(aligned.pop()).parent == root / "_aligned"
+    (align,) = root.glob("align-*.sbatch")
+    assert "#SBATCH --gres=gpu:2" in align.read_text() and "--stage align" in align.read_text()
+    assert f"alignment job first: {align}" in out and f"submit with: bash {root / 'submit.sh'}" in out
     assert not (root / "p=0").exists()  # nothing ran
+
+
+FAKE_SBATCH = """#!{python}
+import json, os, sys
+log = os.environ["FAKE_SBATCH_LOG"]
+calls = open(log).read().splitlines() if os.path.exists(log) else []
+script = sys.argv[-1]  # the script is a file argument, never stdin
+with open(log, "a") as f:
+    f.write(json.dumps({{"argv": sys.argv[1:], "script": open(script).read()}}) + "\\n")
+print(f"Submitted batch job {{101 + len(calls)}}")
+"""
+
+
+@pytest.fixture
+def fake_sbatch(tmp_path, monkeypatch):
+    """A fake ``sbatch`` on PATH that records its arguments (and the script) in a log and prints
+    ``Submitted batch job 101``, 102, ...; the fixture returns a reader of that log."""
+    import os
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(FAKE_SBATCH.format(python=sys.executable))
+    sbatch.chmod(0o755)
+    log = tmp_path / "sbatch.jsonl"
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SBATCH_LOG", str(log))
+
+    def calls() -> list[dict]:
+        calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        log.unlink(missing_ok=True)
+        return calls
+    return calls
+
+
+def test_slurm_submits_one_alignment_job_per_shared_model_then_the_array_after_them(config, capsys, fake_sbatch):
+    import subprocess
+
+    grid = ["--grid", "p=0,0.1", "seed=0,1", "--launcher", "slurm"]
+    assert main(["sweep", str(config), *grid, "--submit"]) == 0
+    out = capsys.readouterr().out
+    root = (config.parent / "runs" / "micro").resolve()
+    calls = fake_sbatch()
+    # two seeds: two aligned models, each shared by two runs: two alignment jobs first, then the array
+    assert len(calls) == 3
+    (a1,), (a2,) = calls[0]["argv"], calls[1]["argv"]
+    assert {Path(a1).name, Path(a2).name} == {p.name for p in root.glob("align-*.sbatch")}
+    assert calls[2]["argv"] == ["--dependency=afterok:101:102", str(root / "sweep.sbatch")]
+    assert "#SBATCH --array=0-3" in calls[2]["script"]
+    for call in calls[:2]:
+        key = Path(call["argv"][0]).stem.removeprefix("align-")
+        cmd = call["script"].strip().splitlines()[-1]
+        assert cmd.endswith("--stage align") and " run " in cmd
+        run_cfg = yaml.safe_load(Path(cmd.split()[-3]).read_text())  # the config of one run of that model
+        assert run_cfg["align"]["output_dir"] == str(config.parent / "runs" / "micro" / "_aligned" / key)
+    assert "alignment job 101:" in out and "alignment job 102:" in out
+    assert "array job 103:" in out and "(4 runs, after 101:102)" in out
+    # without --submit: submit.sh makes the same calls
+    subprocess.run(["bash", str(root / "submit.sh")], check=True, capture_output=True)
+    assert [c["argv"] for c in fake_sbatch()] == [c["argv"] for c in calls]
+
+
+@pytest.mark.parametrize("grid", [["seed=0,1", "--set", "align.enabled=false"],  # no alignment
+                                  ["seed=0,1"]])  # one run per aligned model: it aligns in its own task
+def test_slurm_needs_no_alignment_job_for_an_unshared_alignment(config, capsys, fake_sbatch, grid):
+    assert main(["sweep", str(config), "--grid", *grid, "--launcher", "slurm", "--submit"]) == 0
+    root = (config.parent / "runs" / "micro").resolve()
+    assert [c["argv"] for c in fake_sbatch()] == [[str(root / "sweep.sbatch")]]
+    assert "array job 101:" in capsys.readouterr().out and not list(root.glob("align-*.sbatch"))
+
+
+def test_an_alignment_job_aligns_only_and_a_rerun_needs_it_no_more(config, capsys):
+    args = ["sweep", str(config), "--grid", "p=0,0.25", "--launcher", "slurm"]
+    assert main(args) == 0
+    root = config.parent / "runs" / "micro"
+    (align,) = root.glob("align-*.sbatch")
+    run_cfg = align.read_text().strip().splitlines()[-1].split()[-3]
+    capsys.readouterr()
+    assert main(["run", run_cfg, "--stage", "align"]) == 0
+    aligned = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert aligned.parent == root / "_aligned" and (aligned / "config.json").is_file()
+    assert not (root / "p=0" / "finetune").exists() and not (root / "p=0" / "summary.json").exists()
+    assert main(args) == 0  # the aligned model is there: the array alone, with no dependency
+    assert not list(root.glob("align-*.sbatch")) and "--dependency" not in (root / "submit.sh").read_text()
 
 
 def test_grid_from_the_config(config):

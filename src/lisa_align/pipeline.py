@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import shutil
 import time
+import weakref
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -51,6 +52,7 @@ from lisa_align.io import (
     read_json,
     read_jsonl,
 )
+from lisa_align.locks import ArtifactLock, RunDirLock, describe_owner
 from lisa_align.models.gguf import ensure_gguf_model, is_gguf
 from lisa_align.models.loading import allow_pickle_kwargs, load_model_and_tokenizer, load_tokenizer
 from lisa_align.models.lora import load_adapter, merge
@@ -61,6 +63,7 @@ from lisa_align.rundir import (
     EVENT_MODEL,
     EVENT_POST,
     EVENT_STAGE_DONE,
+    EVENT_WAIT,
     LOG_EVENT,
     LOG_SECONDS,
     LOG_STAGE,
@@ -70,7 +73,7 @@ from lisa_align.rundir import (
 )
 from lisa_align.training.callbacks import first_nonfinite_weight
 from lisa_align.training.run import train_stage
-from lisa_align.training.tiny_base import ensure_tiny_base
+from lisa_align.training.tiny_base import ensure_tiny_base, tiny_base_path
 
 log = logging.getLogger(__name__)
 DIST_TIMEOUT_HOURS = 12
@@ -139,7 +142,15 @@ class Pipeline:
 
     The constructor only records its arguments; :meth:`start` joins the process group, checks the run
     folder's config and writes it, :meth:`load_data` reads every data source, and :meth:`run` does both
-    (when not done yet) and then every stage."""
+    (when not done yet) and then every stage.
+
+    Concurrency (:mod:`lisa_align.locks`): the main process holds the run folder's lock (``RUN_DIR/.lock``)
+    from :meth:`start` until :meth:`run` ends (or :meth:`close`; a failed start or data load lets it go),
+    so a second run on the folder fails at once; the fine-tuning workers of ``--jobs`` and the other
+    processes of an ``accelerate launch`` work under their main process's lock. Artifacts that runs
+    share (the tiny base, an aligned model in ``align.output_dir``, the answers and tokenised caches)
+    are built under their own lock: a run that finds one being built waits (a ``wait`` event in its
+    log), then reuses it."""
 
     def __init__(self, cfg: RunConfig, *, force: bool = False, echo=print):
         self.cfg = cfg
@@ -150,6 +161,8 @@ class Pipeline:
         self.dist: PartialState | None = None
         self._data: RunData | None = None
         self.worker = False
+        self._run_lock: RunDirLock | None = None
+        self._ready: set[str] = set()  # under data parallelism: the shared artifacts built (_build_shared)
 
     # ---- bookkeeping ------------------------------------------------------------------------
     def start(self) -> None:
@@ -159,6 +172,14 @@ class Pipeline:
         if self.dist is not None:
             return
         self.dist = PartialState(cpu=_use_cpu(self.cfg), timeout=timedelta(hours=DIST_TIMEOUT_HOURS))
+        self._lock_run_dir()  # before anything is read or written there: a folder in use fails at once
+        try:
+            self._check_and_write_config()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_and_write_config(self) -> None:
         diff = config_diff(self.cfg)
         if diff and not self.force:
             raise LisaError(f"{self.run_dir} holds a run with a different config ({'; '.join(diff[:5])}); "
@@ -200,11 +221,75 @@ class Pipeline:
         if self.dist is not None:
             self.dist.wait_for_everyone()
 
+    @property
+    def _distributed(self) -> bool:
+        return self.dist is not None and self.dist.num_processes > 1
+
+    # ---- locks (lisa_align.locks) -------------------------------------------------------------
+    def _lock_run_dir(self) -> None:
+        """Take the run folder's lock (main process; not a ``--jobs`` worker, whose parent holds it)."""
+        if self._run_lock is None and self.is_main and not self.worker:
+            lock = RunDirLock(self.run_dir).acquire()  # LisaError naming the holder when in use
+            self._run_lock = lock
+            weakref.finalize(self, lock.release)  # a pipeline dropped without close() lets it go too
+
+    def close(self) -> None:
+        """Let the run folder's lock go (:meth:`run` does at its end); another run may then use the folder."""
+        if self._run_lock is not None:
+            self._run_lock.release()
+            self._run_lock = None
+
+    def _on_wait(self, stage: str, target: Path):
+        def report(holder: dict | None) -> None:
+            self.echo(f"[lisa] {stage}: waiting for {target}, which {describe_owner(holder)} is building")
+        return report
+
+    def _log_wait(self, stage: str, lock: ArtifactLock) -> None:
+        """Log a wait for another process's lock ({"event": "wait", "stage", "seconds", "lock", "holder"})."""
+        if lock.waited:
+            self._log({LOG_EVENT: EVENT_WAIT, LOG_STAGE: stage, LOG_SECONDS: lock.waited, "lock": str(lock.path),
+                       "holder": lock.holder})
+            self.echo(f"[lisa] {stage}: waited {lock.waited:.1f}s for {describe_owner(lock.holder)}")
+
+    def _build_shared(self, stage: str, target: Path | None, done, build) -> None:
+        """Run ``build()`` unless ``done()``, holding the inter-process lock of ``target``, an artifact other
+        runs may build too (None: one in the run folder, which the run folder's lock covers). A run that had
+        to wait logs it ({"event": "wait", "stage", "seconds", ...}) and builds only if the process it
+        waited for did not finish (it died: the half-done work is resumed).
+
+        Under data parallelism every process builds (trains) together: the main process takes the lock
+        and the others wait for it at a barrier, then all see the same state. The first call for a stage
+        must then be made by every process (``run`` does); later calls return at once."""
+        if not self._distributed:
+            if done():
+                return
+        elif stage in self._ready:
+            return
+        lock = ArtifactLock(target, what=stage, on_wait=self._on_wait(stage, target)) \
+            if self.is_main and target is not None else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            if lock is not None:
+                self._log_wait(stage, lock)
+            self._wait()  # the launch's other processes: until the main one holds the lock
+            if not done():
+                build()
+            self._wait()
+        finally:
+            if lock is not None:
+                lock.release()
+        self._ready.add(stage)
+
     def load_data(self) -> RunData:
         """Read and validate every data source (once); the row counts go to the run log."""
         self.start()
         if self._data is None:
-            d = self._data = load_run_data(self.cfg)
+            try:
+                d = self._data = load_run_data(self.cfg)
+            except BaseException:
+                self.close()  # a bad config or data: the run stops before any stage
+                raise
             if self.worker:
                 return d
             self._log({LOG_EVENT: EVENT_DATA, "user": len(d.user), "harmful_in_user": sum(r["harmful"] for r in d.user),
@@ -234,10 +319,15 @@ class Pipeline:
                             "(wheel:DIST==VERSION#path/to/model.gguf); name a .gguf member, or remove model.sha256")
         if m.name != "tiny":
             return m.name
-        t0 = time.time()
-        path = ensure_tiny_base(m.tiny, seed=self.cfg.seed, cache_dir=m.cache_dir, use_cpu=_use_cpu(self.cfg))
-        if time.time() - t0 > 1:
+        path = tiny_base_path(m.tiny, seed=self.cfg.seed, cache_dir=m.cache_dir)
+
+        def build() -> None:
+            t0 = time.time()
+            ensure_tiny_base(m.tiny, seed=self.cfg.seed, cache_dir=m.cache_dir, use_cpu=_use_cpu(self.cfg),
+                             lock=False)  # held here (the main process's, for every process of a launch)
             self._timed("base (tiny, built and cached)", t0)
+
+        self._build_shared("base", path, lambda: (path / "config.json").exists(), build)
         return str(path)
 
     def _load(self, path: str):
@@ -262,21 +352,29 @@ class Pipeline:
         ident = json.dumps([base, fmt.template, fmt.system_prompt, n_tokens, keys])
         path = default_cache_dir() / "answers" / f"{hashlib.sha256(ident.encode()).hexdigest()[:20]}.jsonl"
         if self.is_main and not path.is_file():
-            t0 = time.time()
-            model, tok = self._load(base)
-            model.to(_device(self.cfg))
-            _, prompt_of = prompt_builders(fmt, tok)
-            self.echo(f"[lisa] answers: generating the base model's answers to {len(keys)} prompts")
-            answers = generate(model, tok, [prompt_of(by_key[k]) for k in keys], max_new_tokens=n_tokens,
-                               batch_size=self.cfg.eval.batch_size, desc="answers",
-                               **generation_options(fmt, tok))  # chat: its own special tokens, end-of-turn stops
-            atomic_write_jsonl(path, [{"key": k, "answer": a} for k, a in zip(keys, answers)])
-            self._timed("answers (base model, generated and cached)", t0)
+            with ArtifactLock(path, what="answers", on_wait=self._on_wait("answers", path)) as lock:
+                self._log_wait("answers", lock)
+                if not path.is_file():  # not written by the process we waited for
+                    self._generate_answers(path, base, keys, by_key, n_tokens)
         self._wait()
         answers = {rec["key"]: rec["answer"] for rec in read_jsonl(path)}
         for r in pending:
             r["output"] = answers[key_of(r)]
             del r[ANSWER_PENDING]
+
+    def _generate_answers(self, path: Path, base: str, keys: list[str], by_key: dict, n_tokens: int) -> None:
+        """The base model's greedy answers to the prompts ``by_key[k]``, written to ``path`` (main process)."""
+        fmt = self.prompt_format
+        t0 = time.time()
+        model, tok = self._load(base)
+        model.to(_device(self.cfg))
+        _, prompt_of = prompt_builders(fmt, tok)
+        self.echo(f"[lisa] answers: generating the base model's answers to {len(keys)} prompts")
+        answers = generate(model, tok, [prompt_of(by_key[k]) for k in keys], max_new_tokens=n_tokens,
+                           batch_size=self.cfg.eval.batch_size, desc="answers",
+                           **generation_options(fmt, tok))  # chat: its own special tokens, end-of-turn stops
+        atomic_write_jsonl(path, [{"key": k, "answer": a} for k, a in zip(keys, answers)])
+        self._timed("answers (base model, generated and cached)", t0)
 
     def aligned_dir(self) -> Path:
         a = self.cfg.align
@@ -288,11 +386,21 @@ class Pipeline:
         if not self.cfg.align.enabled:
             return self.ensure_base()
         out = self.aligned_dir()
-        if (out / "config.json").exists():
+        done = lambda: (out / "config.json").exists()  # noqa: E731
+        if done() and not self._distributed:
             return str(out)
         self.ensure_answers()
+        self.ensure_base()  # timed on its own when the tiny base is built
+        # an aligned model that other runs share (align.output_dir) is trained by one of them at a time
+        shared = out if self.cfg.align.output_dir else None
+        self._build_shared("align", shared, done, lambda: self._align(out))
+        return str(out)
+
+    def _align(self, out: Path) -> None:
+        """Train the aligned model into ``out`` (its Trainer work folder ``.<name>.trainer`` beside it,
+        resumed from its last checkpoint when a killed run left one)."""
         data = self.load_data()
-        base = self.ensure_base()  # timed on its own when the tiny base is built
+        base = self.ensure_base()
         set_seed(self.cfg.seed)  # the same RNG state (LoRA init, ...) whether the base was built now or cached
         a = self.cfg.align
         defense = a.method.resolve(a)
@@ -314,7 +422,6 @@ class Pipeline:
             shutil.rmtree(work, ignore_errors=True)
         self._wait()
         self._timed("align", t0)
-        return str(out)
 
     def ensure_alignment_adapter(self) -> Path:
         """The alignment LoRA before its merge (``finetune.adapter: continue``), aligning first if needed."""
@@ -549,7 +656,15 @@ class Pipeline:
                 future.result()  # a worker's error (one line) is raised here
 
     def run(self, jobs: int = 1) -> dict:
+        """Every stage (finished ones are reused), holding the run folder's lock; it is let go at the end."""
+        try:
+            return self._run(jobs)
+        finally:
+            self.close()
+
+    def _run(self, jobs: int) -> dict:
         self.start()
+        self._lock_run_dir()  # again after a close()
         self.load_data()
         set_seed(self.cfg.seed)
         t0 = time.time()
@@ -561,11 +676,33 @@ class Pipeline:
             for key in self.model_keys():
                 summary[key] = summary_row(self.evaluate(key))
             atomic_write_json(self.rundir.summary, summary)
+            if self.cfg.gate is not None:
+                self.release(summary)
         self._wait()
         if not self.is_main:
             summary = read_json(self.rundir.summary)
         self._timed("pipeline", t0)
         return summary
+
+    def release(self, summary: dict) -> dict:
+        """The release gate (``gate:``): every fine-tuned and post-processed model against the aligned one;
+        those that pass are copied to ``release/<key>/``, the others listed in ``release/WITHHELD.json``
+        (:func:`lisa_align.gate.release`). Main process only; the verdicts are also ``self.gate_result``."""
+        from lisa_align.gate import format_gate
+        from lisa_align.gate import release as release_models
+
+        posts = self.cfg.post_models()
+        keys = [k for m in self.cfg.finetune.methods
+                for k in (m.key, *(p for p, (of, _) in posts.items() if of == m.key))]  # each method, its posts
+        t0 = time.time()
+        result = release_models(self.rundir, summary, self.cfg.gate, {k: self.trained_output(k)[0] for k in keys})
+        self.gate_result = result
+        self.echo(format_gate(result, str(self.run_dir)))
+        self.echo(f"[lisa] released {len(result['released'])} of {len(keys)} models into {self.rundir.release_root}"
+                  + (f"; withheld: {', '.join(result['withheld'])} (see {self.rundir.withheld})"
+                     if result["withheld"] else ""))
+        self._timed("gate and release", t0)
+        return result
 
 
 def _finetune_in_worker(raw: dict, key: str, threads: int) -> None:

@@ -16,6 +16,14 @@
     RUN_DIR/eval/<model>/metrics.json
     RUN_DIR/summary.json                 {"<model>": {"hs", "fa", "over_refusal"}}
     RUN_DIR/log.jsonl                    one JSON object per line (see the ``LOG_*`` / ``EVENT_*`` names)
+    RUN_DIR/.lock, .lock.owner           held while a run writes here; .owner: its pid and host
+                                         (lisa_align.locks; removed when the run ends)
+    RUN_DIR/gate.json                    the release gate's verdicts (``lisa gate``, or a run with ``gate:``)
+    RUN_DIR/release/<key>/               a copy of the adapter/ of each model that passed the gate (a run with
+                                         ``gate:``); release/gate.json: the verdicts the release followed,
+                                         written last (release/ is complete when it is there);
+                                         release/WITHHELD.json: the models that failed, with the reasons
+                                         (only when one did)
 
 The pipeline, sweep, report, ``lisa evaluate`` and the evaluator go through :class:`RunDir` and
 :class:`EvalDir`; nothing else spells these names. The layout has only grown since the first release
@@ -51,7 +59,12 @@ EVENT_STAGE_DONE = "stage_done"  # stage, seconds
 EVENT_TOKENIZE = "tokenize"  # stage, part, rows, seconds, cached
 EVENT_RESUME = "resume"  # stage, checkpoint
 EVENT_POST = "post"  # stage, defense, and the post defense's record (post.json) less its per-layer details
+EVENT_WAIT = "wait"  # stage ("base", "align", "answers"), seconds, lock, holder: this run waited for another
+#   process that was building a shared artifact, then reused it (lisa_align.locks)
 POST_DIR = "post"
+GATE_FILE = "gate.json"
+RELEASE_DIR = "release"
+WITHHELD_FILE = "WITHHELD.json"
 POST_RECORD = "post.json"
 LISA_STEP = "lisa/step"
 LISA_DRIFT = "lisa/drift"
@@ -149,6 +162,30 @@ class RunDir:
 
     def post_record(self, key: str) -> Path:
         return self.post(key) / POST_RECORD
+
+    # ---- the release gate ----
+    @property
+    def gate(self) -> Path:
+        """``gate.json``: the release gate's verdicts."""
+        return self.path / GATE_FILE
+
+    @property
+    def release_root(self) -> Path:
+        return self.path / RELEASE_DIR
+
+    def release(self, key: str) -> Path:
+        """``release/<key>``: the released copy of a model's ``adapter/`` (fine-tuned or post-processed)."""
+        return self.release_root / key
+
+    @property
+    def release_gate(self) -> Path:
+        """``release/gate.json``: the verdicts the release followed (written last)."""
+        return self.release_root / GATE_FILE
+
+    @property
+    def withheld(self) -> Path:
+        """``release/WITHHELD.json``: the models the gate withheld and why (only when one failed)."""
+        return self.release_root / WITHHELD_FILE
 
     # ---- evaluation ----
     @property

@@ -10,9 +10,11 @@ sets nothing). Every run is a normal ``lisa run`` with its own run folder under 
 by its ``label``, else its name and settings, :func:`value_part`). Locally, runs that share the
 seed, the model, the alignment settings and the data the alignment defense reads share one aligned
 model (``_aligned/<hash>``, :func:`aligned_key`), and finished runs are skipped. With ``--launcher
-slurm`` the sweep writes one config per run and an sbatch array script (resources from the config's
-``slurm`` section), then submits it or prints the command; array tasks run concurrently, so each
-aligns in its own folder.
+slurm`` the sweep writes one config per run, one alignment job per aligned model that several runs
+share (``lisa run CONFIG --stage align``), an sbatch array of every run that starts after those jobs
+(``--dependency=afterok``), so no two tasks train the same alignment, and ``submit.sh``; resources come
+from the config's ``slurm`` section. ``--submit`` submits them and prints every job id
+(:func:`write_slurm`, :func:`submit`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import re
 import shlex
 import shutil
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -291,32 +294,125 @@ def _blame_value(base: dict, p: Path, axes: list[tuple[str, list]], combo: tuple
         validate_config(raw, f"{p}: grid axis '{key}' value '{value_part(key, val)}'")
 
 
-def write_slurm(root: Path, runs: list[dict]) -> Path:
+ARRAY_SCRIPT = "sweep.sbatch"
+SUBMIT_SCRIPT = "submit.sh"
+ALIGN_PREFIX = "align-"
+
+
+@dataclass
+class SlurmPlan:
+    """The scripts of a Slurm sweep: one alignment job per aligned model that several runs share
+    (``align``: (script, the runs that share it)), then the array of every run (``array``), which
+    waits for those jobs; ``submit`` submits them in that order."""
+
+    root: Path
+    array: Path
+    submit: Path
+    runs: int
+    align: list[tuple[Path, list[str]]] = field(default_factory=list)
+
+
+def shared_alignments(runs: list[dict]) -> dict[str, list[dict]]:
+    """{aligned model folder: the runs that use it} for the folders two or more runs share and that
+    hold no aligned model yet: each needs one alignment before those runs start. A run with
+    ``align.enabled: false`` or an aligned model of its own aligns (if at all) in its own task."""
+    groups: dict[str, list[dict]] = {}
+    for raw in runs:
+        a = raw.get("align") or {}
+        if a.get("enabled") and a.get("output_dir"):
+            groups.setdefault(str(Path(a["output_dir"]).resolve()), []).append(raw)
+    return {d: rs for d, rs in groups.items() if len(rs) > 1 and not (Path(d) / "config.json").exists()}
+
+
+def _header(root: Path, raw: dict, job: str, output: str, extra: list[str] = ()) -> list[str]:
+    s = validate_config(raw).slurm
+    lines = ["#!/bin/bash", f"#SBATCH --job-name=lisa-{root.name}{job}", *extra, f"#SBATCH --gres=gpu:{s.gpus}",
+             f"#SBATCH --cpus-per-task={s.cpus}", f"#SBATCH --mem={s.mem}", f"#SBATCH --time={s.time}",
+             f"#SBATCH --output={root.resolve()}/{output}"]
+    return lines + ([f"#SBATCH --partition={s.partition}"] if s.partition else [])
+
+
+def write_slurm(root: Path, runs: list[dict]) -> SlurmPlan:
+    """One config per run (``configs/<run>.yaml``); ``align-<key>.sbatch`` per shared aligned model
+    (``lisa run <its first run's config> --stage align``); ``sweep.sbatch``, the array of every run;
+    and ``submit.sh``, which submits the alignment jobs, then the array with
+    ``--dependency=afterok:<their ids>`` (what ``--submit`` does)."""
     cfg_dir = root / "configs"
-    paths = []
+    paths = {}
     for raw in runs:
         path = cfg_dir / f"{raw['name']}.yaml"
         atomic_write_yaml(path, raw)
-        paths.append(path.resolve())
-    s = validate_config(runs[0]).slurm
-    lisa = shutil.which("lisa") or "lisa"
-    lines = ["#!/bin/bash", f"#SBATCH --job-name=lisa-{root.name}", f"#SBATCH --array=0-{len(runs) - 1}",
-             f"#SBATCH --gres=gpu:{s.gpus}", f"#SBATCH --cpus-per-task={s.cpus}", f"#SBATCH --mem={s.mem}",
-             f"#SBATCH --time={s.time}", f"#SBATCH --output={root.resolve()}/slurm-%A_%a.out"]
-    if s.partition:
-        lines.append(f"#SBATCH --partition={s.partition}")
-    lines += ["set -euo pipefail", "CONFIGS=(", *[f"  {shlex.quote(str(p))}" for p in paths], ")",
-              f'exec {shlex.quote(lisa)} run "${{CONFIGS[$SLURM_ARRAY_TASK_ID]}}"', ""]
-    script = root / "sweep.sbatch"
-    atomic_write_text(script, "\n".join(lines))
-    return script
+        paths[raw["name"]] = path.resolve()
+    lisa = shlex.quote(shutil.which("lisa") or "lisa")
+    plan_ = SlurmPlan(root=root, array=root / ARRAY_SCRIPT, submit=root / SUBMIT_SCRIPT, runs=len(runs))
+    for folder, group in shared_alignments(runs).items():
+        key = Path(folder).name if Path(folder).parent.name == SHARED_ALIGNED_DIR else hashlib.sha256(
+            folder.encode()).hexdigest()[:12]
+        names = [r["name"] for r in group]
+        lines = _header(root, group[0], f"-align-{key}", f"slurm-align-{key}-%j.out")
+        lines += ["set -euo pipefail", f"# the aligned model {folder}, shared by {len(names)} runs: "
+                  + ", ".join(names), f"exec {lisa} run {shlex.quote(str(paths[names[0]]))} --stage align", ""]
+        script = root / f"{ALIGN_PREFIX}{key}.sbatch"
+        atomic_write_text(script, "\n".join(lines))
+        plan_.align.append((script, names))
+    for stale in root.glob(f"{ALIGN_PREFIX}*.sbatch"):  # of an earlier plan of this sweep
+        if stale not in {s for s, _ in plan_.align}:
+            stale.unlink()
+    lines = _header(root, runs[0], "", "slurm-%A_%a.out", [f"#SBATCH --array=0-{len(runs) - 1}"])
+    lines += ["set -euo pipefail", "CONFIGS=(", *[f"  {shlex.quote(str(paths[r['name']]))}" for r in runs], ")",
+              f'exec {lisa} run "${{CONFIGS[$SLURM_ARRAY_TASK_ID]}}"', ""]
+    atomic_write_text(plan_.array, "\n".join(lines))
+    sub = ["#!/bin/bash", f"# lisa sweep {root.name}: one job per shared aligned model, then the array of "
+           f"{len(runs)} runs after them", "set -euo pipefail"]
+    for i, (script, names) in enumerate(plan_.align):
+        sub += [f"A{i}=$(sbatch {shlex.quote(str(script.resolve()))} | awk '{{print $NF}}')",
+                f'echo "alignment job $A{i}: {script.name} ({len(names)} runs)"']
+    after = ":".join(f"${{A{i}}}" for i in range(len(plan_.align)))
+    sub += [f"sbatch {f'--dependency=afterok:{after} ' if after else ''}{shlex.quote(str(plan_.array.resolve()))}",
+            ""]
+    atomic_write_text(plan_.submit, "\n".join(sub))
+    return plan_
 
 
-def submit(script: Path) -> str:
+def describe(p: SlurmPlan) -> list[str]:
+    """What a Slurm sweep wrote, and how to submit it."""
+    lines = [f"{p.runs} runs; array script {p.array}"]
+    for script, names in p.align:
+        lines.append(f"alignment job first: {script} (the aligned model of {len(names)} runs)")
+    if p.align:
+        jobs = "the alignment job" if len(p.align) == 1 else f"the {len(p.align)} alignment jobs"
+        lines.append(f"the array starts after {jobs} (--dependency=afterok)")
+    lines.append(f"submit with: bash {p.submit}")
+    return lines
+
+
+def _job_id(out: str) -> str:
+    m = re.search(r"Submitted batch job (\d+)", out) or re.match(r"\s*(\d+)", out)  # or sbatch --parsable
+    if m is None:
+        raise LisaError(f"sbatch printed no job id: {out.strip()[:200]!r}")
+    return m.group(1)
+
+
+def submit(p: SlurmPlan, echo=print) -> list[str]:
+    """Submit the alignment jobs, then the array after them (``--dependency=afterok:<ids>``); each job
+    id is echoed as it is known. The ids, alignment jobs first."""
     if shutil.which("sbatch") is None:
         raise LisaError("sbatch is not on PATH: run this on a Slurm login node, or drop --submit and "
-                        f"run `sbatch {script}` there")
-    out = subprocess.run(["sbatch", str(script)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise LisaError(f"sbatch failed: {(out.stderr or out.stdout).strip().splitlines()[0][:200]}")
-    return out.stdout.strip()
+                        f"run `bash {p.submit}` there")
+    ids: list[str] = []
+
+    def sbatch(*argv: str) -> str:
+        out = subprocess.run(["sbatch", *argv], capture_output=True, text=True)
+        if out.returncode != 0:
+            done = f" (already submitted: {', '.join(ids)})" if ids else ""
+            raise LisaError(f"sbatch failed{done}: {(out.stderr or out.stdout or '?').strip().splitlines()[0][:200]}")
+        ids.append(_job_id(out.stdout))
+        return ids[-1]
+
+    for script, names in p.align:
+        job = sbatch(str(script.resolve()))
+        echo(f"alignment job {job}: {script} (the aligned model of {len(names)} runs)")
+    after = ":".join(ids)
+    job = sbatch(*([f"--dependency=afterok:{after}"] if after else []), str(p.array.resolve()))
+    echo(f"array job {job}: {p.array} ({p.runs} runs{f', after {after}' if after else ''})")
+    return ids

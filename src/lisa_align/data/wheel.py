@@ -106,10 +106,10 @@ def _pip_download(dist: str, version: str, dest: Path) -> None:
 
 
 def _lock(path: Path):
-    from filelock import FileLock
+    """The inter-process lock of one wheel's cache folder (:class:`~lisa_align.locks.ArtifactLock`)."""
+    from lisa_align.locks import ArtifactLock
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path))
+    return ArtifactLock(path.with_suffix(""), what="wheel", path=path)
 
 
 def _find_wheel(folder: Path) -> Path | None:

@@ -75,10 +75,10 @@ def ensure_gguf_model(name: str, *, sha256: str | None = None, cache_dir: str | 
     out = root / digest
     if _complete(out):
         return out
-    from filelock import FileLock
+    from lisa_align.locks import ArtifactLock
 
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{digest}.lock")):
+    with ArtifactLock(out, what="GGUF conversion", path=root / f"{digest}.lock"):  # one conversion at a time
         if _complete(out):
             return out
         tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}.", dir=root))

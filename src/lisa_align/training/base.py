@@ -101,9 +101,10 @@ def _state_name(name: str, trainer) -> str:
     return name
 
 
-class BaseTrainer(Trainer):
-    """``transformers.Trainer`` plus ``loss_reduction``, checkpointed trainer state, the non-finite
-    guards and the penalty plumbing; the base of every trainer in lisa-align (alone: plain SFT)."""
+class BaseMixin:
+    """What :class:`BaseTrainer` adds to a ``transformers.Trainer`` (``loss_reduction``, checkpointed trainer
+    state, the non-finite guards, the penalty plumbing), as a mixin that also goes before a Trainer
+    subclass (e.g. TRL's ``SFTTrainer``; see :mod:`lisa_align.training.trl`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -221,3 +222,8 @@ class BaseTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch, **kwargs)
         check_finite_loss(self, loss)
         return loss
+
+
+class BaseTrainer(BaseMixin, Trainer):
+    """``transformers.Trainer`` plus ``loss_reduction``, checkpointed trainer state, the non-finite
+    guards and the penalty plumbing; the base of every trainer in lisa-align (alone: plain SFT)."""

@@ -4,7 +4,9 @@ Loss: h(w) + λ · Σ_i F_i (w_i − w0_i)², so the added gradient is 2λ F ⊙
 ``.grad`` once per optimizer step, like Lisa's proximal term; under DeepSpeed, which keeps
 gradients in its own buffers, the term goes into the loss instead: ``ewc_mode``). F is the diagonal empirical Fisher
 of the alignment data at w0: the mean over alignment batches of the squared batch gradient of the
-training loss. w0 and F are taken at the first optimizer step.
+training loss. w0 and F are taken at the first optimizer step, and kept in each checkpoint (restored
+shard by shard, :func:`~lisa_align.training.state.restore_like`). FSDP is refused: accelerate runs no
+FSDP on the CPU, so EWC on sharded parameters has not been run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch.utils.data import DataLoader
 from lisa_align.errors import LisaError
 from lisa_align.training.base import BaseArguments, BaseTrainer, check_nonnegative, check_penalty_mode, model_columns
 from lisa_align.training.penalty import add_pull_gradient, grad_scale
+from lisa_align.training.state import restore_like
 
 
 @dataclass
@@ -44,6 +47,9 @@ class EWCArguments(BaseArguments):
 class EWCTrainer(BaseTrainer):
     def __init__(self, *args, fisher_dataset=None, **kwargs):
         super().__init__(*args, **kwargs)
+        if getattr(self, "is_fsdp_enabled", False):
+            raise LisaError("EWC does not support FSDP yet (its Fisher and w0 on sharded parameters are untested): "
+                            "use DDP or DeepSpeed ZeRO-2 (configs/accelerate/)")
         if fisher_dataset is None or len(fisher_dataset) == 0:
             raise LisaError("EWCTrainer needs fisher_dataset= (the alignment data the Fisher is measured on)")
         self.fisher_dataset = model_columns(fisher_dataset)
@@ -90,8 +96,8 @@ class EWCTrainer(BaseTrainer):
         if meta.get("tensors") != len(params):
             raise LisaError(f"the checkpoint {self._resume_dir} holds EWC state for {meta.get('tensors')} tensors, "
                             f"this model has {len(params)} trainable tensors: start in a new output folder")
-        self.reference = [tensors[f"reference.{i}"].to(p.device, p.dtype) for i, p in enumerate(params)]
-        self.fisher = [tensors[f"fisher.{i}"].to(p.device, p.dtype) for i, p in enumerate(params)]
+        self.reference = restore_like(params, tensors, "reference", f"the checkpoint {self._resume_dir}")
+        self.fisher = restore_like(params, tensors, "fisher", f"the checkpoint {self._resume_dir}")
 
     def training_step(self, model, inputs, num_items_in_batch=None, **kwargs):
         if self.reference is None and not self.restore_if_resumed():  # w0 and F of the start of fine-tuning

@@ -2,6 +2,10 @@
 
 Drop-in for ``transformers.Trainer``: pass ``LisaArguments`` and ``alignment_dataset=``.
 
+The logic lives in :class:`LisaMixin` (with its settings in :class:`LisaArgumentsMixin`), so that it also
+goes before another Trainer subclass: ``LisaTrainer = LisaMixin + BaseTrainer``, and with TRL,
+``class MyTrainer(LisaMixin, SFTTrainer)`` with ``LisaSFTConfig`` (:mod:`lisa_align.training.trl`).
+
 - Optimizer steps follow :class:`~lisa_align.training.schedule.BiStateSchedule` (start in the
   alignment state; K1 alignment steps, K2 fine-tuning steps, alternating; T = SFT's budget; the
   run ends on a fine-tuning phase).
@@ -29,17 +33,26 @@ from torch.utils.data import DataLoader
 from lisa_align.defenses.lisa import steps_of_cycle, validate_lisa_settings
 from lisa_align.errors import LisaError
 from lisa_align.rundir import LISA_DRIFT, LISA_STEP
-from lisa_align.training.base import BaseArguments, BaseTrainer, check_penalty_mode, model_columns
-from lisa_align.training.callbacks import local_shard
+from lisa_align.training.base import (
+    MODEL_COLUMNS,
+    BaseArguments,
+    BaseMixin,
+    BaseTrainer,
+    check_penalty_mode,
+)
 from lisa_align.training.penalty import add_pull_gradient, grad_scale, pull_distance
 from lisa_align.training.sampler import BiStateBatchSampler, steps_per_epoch
 from lisa_align.training.schedule import ALIGNMENT, BiStateSchedule
+from lisa_align.training.state import restore_like
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class LisaArguments(BaseArguments):
+class LisaArgumentsMixin:
+    """Lisa's settings, to combine with a ``TrainingArguments`` subclass: :class:`LisaArguments` (with
+    :class:`~lisa_align.training.base.BaseArguments`), ``LisaSFTConfig`` (with TRL's ``SFTConfig``)."""
+
     k1: int = field(default=100, metadata={"help": "optimizer steps per alignment phase"})
     k2: int = field(default=900, metadata={"help": "optimizer steps per fine-tuning phase"})
     rho: float = field(default=1.0, metadata={"help": "proximal strength; 0 gives BSO"})
@@ -58,22 +71,44 @@ class LisaArguments(BaseArguments):
         super().__post_init__()
 
 
+@dataclass
+class LisaArguments(LisaArgumentsMixin, BaseArguments):
+    """``TrainingArguments`` (with ``loss_reduction``, ``warmup_ratio``) plus Lisa's K1, K2, ρ, ..."""
+
+
 LisaConfig = LisaArguments  # the name the paper's design notes use
 
+# The columns the bi-state loader keeps: what the model takes, and the per-row sequence lengths of packed rows
+# (TRL's packing), which its collator reads.
+LOADER_COLUMNS = (*MODEL_COLUMNS, "seq_lengths")
 
-class LisaTrainer(BaseTrainer):
+
+def loader_columns(ds):
+    extra = [c for c in getattr(ds, "column_names", []) if c not in LOADER_COLUMNS]
+    return ds.remove_columns(extra) if extra else ds
+
+
+class LisaMixin(BaseMixin):
+    """Lisa / BSO before a ``transformers.Trainer`` subclass: the bi-state schedule and sampler, the anchor,
+    the proximal term, the checkpointed state and exact resume. ``LisaTrainer = LisaMixin + BaseTrainer``;
+    with TRL, ``class MyTrainer(LisaMixin, SFTTrainer)`` (args: ``LisaSFTConfig``). Takes
+    ``alignment_dataset=``, prepared like ``train_dataset`` (:meth:`prepare_alignment_dataset`)."""
+
     def __init__(self, *args, alignment_dataset=None, **kwargs):
         super().__init__(*args, **kwargs)
         for name in ("k1", "k2", "rho", "proximal_warmup_ratio"):
             if not hasattr(self.args, name):
-                raise LisaError("LisaTrainer needs LisaArguments (K1, K2, rho): pass args=LisaArguments(...)")
+                raise LisaError(f"{type(self).__name__} needs LisaArguments (K1, K2, rho): pass "
+                                "args=LisaArguments(...) (with TRL's SFTTrainer: LisaSFTConfig(...))")
         if alignment_dataset is None and self.args.k1 > 0:
-            raise LisaError("LisaTrainer needs alignment_dataset= (the provider's safety data) when K1 > 0")
+            raise LisaError(f"{type(self).__name__} needs alignment_dataset= (the provider's safety data) when K1 > 0")
         if alignment_dataset is not None and self.args.alignment_rows is not None:
             if self.args.alignment_rows > len(alignment_dataset):
                 raise LisaError(f"alignment_rows={self.args.alignment_rows} but the alignment dataset has "
                                 f"{len(alignment_dataset)} rows; lower alignment_rows")
             alignment_dataset = alignment_dataset.select(range(self.args.alignment_rows))
+        if alignment_dataset is not None:
+            alignment_dataset = self.prepare_alignment_dataset(alignment_dataset)
         self.alignment_dataset = alignment_dataset
         self.proximal_in_loss = self.penalty_in_loss(self.args.proximal_mode, "Lisa")
         self.schedule: BiStateSchedule | None = None
@@ -83,6 +118,16 @@ class LisaTrainer(BaseTrainer):
         self.switch_log: list[dict] = []
 
     # ---- data -----------------------------------------------------------------------------
+    def prepare_alignment_dataset(self, dataset):
+        """The alignment rows prepared as the Trainer prepared ``train_dataset``: as given for a plain
+        Trainer (tokenised rows); under TRL's SFTTrainer, through its own dataset preparation (chat
+        template, completion-only / assistant-only labels, truncation, packing)."""
+        if hasattr(self, "_prepare_dataset"):  # TRL's trainers
+            from lisa_align.training.trl import prepare_like_train_dataset
+
+            return prepare_like_train_dataset(self, dataset)
+        return dataset
+
     def _steps(self, n_user: int) -> tuple[int, int]:
         a = self.args
         spe = steps_per_epoch(n_user, a.per_device_train_batch_size, a.gradient_accumulation_steps, a.world_size)
@@ -93,11 +138,11 @@ class LisaTrainer(BaseTrainer):
         import datasets
 
         if self.train_dataset is None:
-            raise LisaError("LisaTrainer needs train_dataset= (the user's fine-tuning data)")
-        user = model_columns(self.train_dataset)
+            raise LisaError(f"{type(self).__name__} needs train_dataset= (the user's fine-tuning data)")
+        user = loader_columns(self.train_dataset)
         parts = [user]
         if self.alignment_dataset is not None and len(self.alignment_dataset):
-            align = model_columns(self.alignment_dataset)
+            align = loader_columns(self.alignment_dataset)
             parts.append(align if align.features == user.features else align.cast(user.features))
         data = datasets.concatenate_datasets(parts) if len(parts) > 1 else user
         n_user = len(user)
@@ -153,11 +198,7 @@ class LisaTrainer(BaseTrainer):
         if len(tensors) != len(params):
             raise LisaError(f"the checkpoint {self._resume_dir} holds {len(tensors)} anchor tensors for "
                             f"{len(params)} trainable tensors: it belongs to another model or LoRA setting")
-        self._anchor = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for i, a in enumerate(self._anchor):
-                local = local_shard(a)
-                local.copy_(tensors[f"anchor.{i}"].to(local.device, local.dtype))
+        self._anchor = restore_like(params, tensors, "anchor", f"the checkpoint {self._resume_dir}")
         self.switch_log = list(meta.get("switch_log", []))
 
     def _begin_step(self, step: int) -> None:
@@ -233,3 +274,8 @@ class LisaTrainer(BaseTrainer):
 
     def current_state(self) -> str:
         return self.schedule.state(self.state.global_step)
+
+
+class LisaTrainer(LisaMixin, BaseTrainer):
+    """Lisa / BSO on ``transformers.Trainer`` (:class:`LisaMixin` + :class:`~lisa_align.training.base.BaseTrainer`):
+    pass ``args=LisaArguments(...)`` and ``alignment_dataset=``."""
