@@ -14,7 +14,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lisa_align"
 HEAVY = ("torch", "transformers", "peft")
 # Functions that may import lisa_align lazily: the CLI's entry points (a command loads only what it runs).
 ENTRY_POINTS = {("cli.py", name) for name in ("cmd_run", "cmd_demo", "cmd_evaluate", "cmd_plan", "cmd_sweep",
-                                                               "cmd_report")}
+                                               "cmd_report", "cmd_gate")}
+ENTRY_POINTS.add(("__init__.py", "__getattr__"))  # lisa_align.training's optional extra (TRL) loads on first use
 
 
 def _module_name(path: Path) -> str:

@@ -168,13 +168,17 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _limit(text: str):
-    from lisa_align.gate import limit_arg
-
+def _limit(text: str) -> float | None:
+    """A ``lisa gate --max-...`` value: a number of percent points >= 0, or ``off``."""
+    if text.strip().lower() in ("off", "none", "null"):
+        return None
     try:
-        return limit_arg(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of percent points >= 0 (or off)")
+    return value
 
 
 def cmd_gate(args) -> int:

@@ -302,16 +302,3 @@ def format_gate(result: Mapping[str, Any], where: str | None = None) -> str:
     lines.append(tally)
     return "\n".join(lines)
 
-
-def limit_arg(text: str) -> float | None:
-    """A ``--max-...`` value: a number of percent points >= 0, or ``off``."""
-    if text.strip().lower() in ("off", "none", "null"):
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"'{text}' is not a number of percent points >= 0 (or off)")
-    return value
-

@@ -42,6 +42,8 @@ from lisa_align.evaluation.judges import JUDGES
 from lisa_align.evaluation.pairwise import PAIRWISE_JUDGES, judge_key
 from lisa_align.evaluation.tasks import get_task
 from lisa_align.evaluation.vllm_backend import VLLMGenerator
+from lisa_align.gate import format_gate
+from lisa_align.gate import release as release_models
 from lisa_align.io import (
     append_jsonl,
     atomic_write_json,
@@ -688,9 +690,6 @@ class Pipeline:
         """The release gate (``gate:``): every fine-tuned and post-processed model against the aligned one;
         those that pass are copied to ``release/<key>/``, the others listed in ``release/WITHHELD.json``
         (:func:`lisa_align.gate.release`). Main process only; the verdicts are also ``self.gate_result``."""
-        from lisa_align.gate import format_gate
-        from lisa_align.gate import release as release_models
-
         posts = self.cfg.post_models()
         keys = [k for m in self.cfg.finetune.methods
                 for k in (m.key, *(p for p, (of, _) in posts.items() if of == m.key))]  # each method, its posts

@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 
 from lisa_align.errors import LisaError
 from lisa_align.io import atomic_write_bytes, default_cache_dir
+from lisa_align.locks import ArtifactLock
 
 PREFIX = "wheel:"
 _SPEC = re.compile(r"^wheel:(?P<dist>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[A-Za-z0-9][A-Za-z0-9.+!_-]*)"
@@ -107,8 +108,6 @@ def _pip_download(dist: str, version: str, dest: Path) -> None:
 
 def _lock(path: Path):
     """The inter-process lock of one wheel's cache folder (:class:`~lisa_align.locks.ArtifactLock`)."""
-    from lisa_align.locks import ArtifactLock
-
     return ArtifactLock(path.with_suffix(""), what="wheel", path=path)
 
 

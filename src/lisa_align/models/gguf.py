@@ -24,6 +24,7 @@ from pathlib import Path
 from lisa_align.data import wheel
 from lisa_align.errors import LisaError
 from lisa_align.io import atomic_write_json, default_cache_dir
+from lisa_align.locks import ArtifactLock
 
 log = logging.getLogger(__name__)
 GGUF_PIN = "gguf==0.19.0"
@@ -75,8 +76,6 @@ def ensure_gguf_model(name: str, *, sha256: str | None = None, cache_dir: str | 
     out = root / digest
     if _complete(out):
         return out
-    from lisa_align.locks import ArtifactLock
-
     root.mkdir(parents=True, exist_ok=True)
     with ArtifactLock(out, what="GGUF conversion", path=root / f"{digest}.lock"):  # one conversion at a time
         if _complete(out):

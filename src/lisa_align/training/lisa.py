@@ -123,8 +123,6 @@ class LisaMixin(BaseMixin):
         Trainer (tokenised rows); under TRL's SFTTrainer, through its own dataset preparation (chat
         template, completion-only / assistant-only labels, truncation, packing)."""
         if hasattr(self, "_prepare_dataset"):  # TRL's trainers
-            from lisa_align.training.trl import prepare_like_train_dataset
-
             return prepare_like_train_dataset(self, dataset)
         return dataset
 
@@ -279,3 +277,12 @@ class LisaMixin(BaseMixin):
 class LisaTrainer(LisaMixin, BaseTrainer):
     """Lisa / BSO on ``transformers.Trainer`` (:class:`LisaMixin` + :class:`~lisa_align.training.base.BaseTrainer`):
     pass ``args=LisaArguments(...)`` and ``alignment_dataset=``."""
+
+
+def prepare_like_train_dataset(trainer, dataset):
+    """``dataset`` through the preparation a TRL trainer gave its ``train_dataset`` (none when the trainer
+    skips it: ``dataset_kwargs={"skip_prepare_dataset": True}`` or a vision dataset)."""
+    if getattr(trainer, "_skip_prepare_dataset", False):
+        return dataset
+    return trainer._prepare_dataset(dataset, trainer.processing_class, trainer.args, trainer.args.packing,
+                                    getattr(trainer, "_formatting_func", None), "alignment")

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from lisa_align.data.templates import IGNORE_INDEX
 from lisa_align.errors import LisaError
 from lisa_align.training.base import BaseArguments, BaseTrainer, check_nonnegative, model_columns
+from lisa_align.training.hooks import capture_outputs
 
 MASKS = ("reference", "answer")
 PAIR = "repnoise_pair"  # the train rows' column: the index of each refusal row's harmful row
@@ -169,10 +170,6 @@ def final_norm(model) -> torch.nn.Module:
                     "logit lens")
 
 
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
 # ---- data: each refusal row with its harmful row ------------------------------------------------
 class PairedCollator:
     """The stage's collator on the refusal rows, and again on their harmful rows (keys ``harmful_*``):
@@ -241,20 +238,9 @@ class RepNoiseTrainer(BaseTrainer):
             raise LisaError("RepNoiseTrainer: a batch without its harmful rows (use the trainer's PairedCollator)")
         unwrapped = self.accelerator.unwrap_model(model)
         mlps = mlp_modules(unwrapped)
-        activations: list[torch.Tensor] = [None] * len(mlps)  # type: ignore[list-item]
-
-        def capture(i):
-            def hook(_m, _inp, out):
-                activations[i] = _first(out)
-            return hook
-
-        handles = [m.register_forward_hook(capture(i)) for i, m in enumerate(mlps)]
-        try:
+        with capture_outputs(mlps) as activations:
             harmful_out = model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"],
                                 output_hidden_states=True, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
         harmless_out = model(input_ids=harmless["input_ids"], attention_mask=harmless["attention_mask"],
                              use_cache=False)
         norm, head = final_norm(unwrapped), unwrapped.get_output_embeddings()

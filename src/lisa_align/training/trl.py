@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lisa_align.errors import LisaError
-from lisa_align.training.lisa import LisaArgumentsMixin, LisaMixin
+from lisa_align.training.lisa import LisaArgumentsMixin, LisaMixin, prepare_like_train_dataset
 
 try:
     from trl import SFTConfig, SFTTrainer
@@ -36,12 +36,3 @@ class LisaSFTConfig(LisaArgumentsMixin, SFTConfig):
 
 class LisaSFTTrainer(LisaMixin, SFTTrainer):
     """``trl.SFTTrainer`` with Lisa / BSO: pass ``args=LisaSFTConfig(...)`` and ``alignment_dataset=``."""
-
-
-def prepare_like_train_dataset(trainer, dataset):
-    """``dataset`` through the preparation a TRL trainer gave its ``train_dataset`` (none when the trainer
-    skips it: ``dataset_kwargs={"skip_prepare_dataset": True}`` or a vision dataset)."""
-    if getattr(trainer, "_skip_prepare_dataset", False):
-        return dataset
-    return trainer._prepare_dataset(dataset, trainer.processing_class, trainer.args, trainer.args.packing,
-                                    getattr(trainer, "_formatting_func", None), "alignment")

@@ -22,6 +22,7 @@ import torch
 
 from lisa_align.errors import LisaError
 from lisa_align.training.base import BaseArguments, BaseTrainer, check_nonnegative
+from lisa_align.training.hooks import capture_outputs, first, replace_first
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
@@ -30,14 +31,6 @@ def attention_modules(model) -> list[torch.nn.Module]:
             return [b.self_attn for b in module]
     raise LisaError(f"{type(model).__name__}: no decoder layers with a 'self_attn' module found; "
                     "Vaccine needs a decoder-only transformer (Llama, Mistral, Qwen, Gemma, OPT)")
-
-
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _replace_first(output, value):
-    return (value, *output[1:]) if isinstance(output, tuple) else value
 
 
 @dataclass
@@ -64,20 +57,8 @@ class VaccineTrainer(BaseTrainer):
     def output_gradients(self, model, inputs, modules) -> list[torch.Tensor]:
         """The gradient of the loss on ``inputs`` with respect to each module's output (a zero where the
         output does not reach the loss); parameter gradients are untouched (``torch.autograd.grad``)."""
-        outputs: list[torch.Tensor] = [None] * len(modules)  # type: ignore[list-item]
-
-        def capture(i):
-            def hook(_m, _inp, out):
-                outputs[i] = _first(out)
-            return hook
-
-        handles = [m.register_forward_hook(capture(i)) for i, m in enumerate(modules)]
-        try:
-            with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, self._prepare_inputs(inputs))
-        finally:
-            for h in handles:
-                h.remove()
+        with capture_outputs(modules) as outputs, self.compute_loss_context_manager():
+            loss = self.compute_loss(model, self._prepare_inputs(inputs))
         grads = torch.autograd.grad(loss, outputs, allow_unused=True)
         return [torch.zeros_like(o) if g is None else g.detach() for g, o in zip(grads, outputs)]
 
@@ -90,8 +71,8 @@ class VaccineTrainer(BaseTrainer):
         if self.args.vaccine_random:
             def add(i):
                 def hook(_m, _inp, out):
-                    x = _first(out)
-                    return _replace_first(out, x + self.random_perturbation(x))
+                    x = first(out)
+                    return replace_first(out, x + self.random_perturbation(x))
                 return hook
             self.last_perturbation = None
         else:
@@ -100,7 +81,7 @@ class VaccineTrainer(BaseTrainer):
 
             def add(i):
                 def hook(_m, _inp, out):
-                    return _replace_first(out, _first(out) + eps[i])
+                    return replace_first(out, first(out) + eps[i])
                 return hook
         handles = [m.register_forward_hook(add(i)) for i, m in enumerate(modules)]
         try:
