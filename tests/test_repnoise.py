@@ -300,7 +300,7 @@ def test_trainer_and_argument_errors_are_one_line(tmp_path):
         RepNoiseTrainer(model=_model(), args=args, train_dataset=_rows_dataset().select(range(3)),
                         data_collator=_collate)
     assert "\n" not in str(err.value)
-    with pytest.raises(LisaError, match="no decoder layers with an 'mlp'"):
+    with pytest.raises(LisaError, match="no decoder layers with a 'mlp'"):
         mlp_modules(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 

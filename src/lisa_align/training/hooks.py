@@ -11,6 +11,18 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from lisa_align.errors import LisaError
+
+
+def decoder_blocks(model, attr: str, needed_by: str) -> list[torch.nn.Module]:
+    """Each decoder layer's ``attr`` submodule (``self_attn``, ``mlp``), found by structure, not class name:
+    the first ``nn.ModuleList`` whose blocks all have one (Llama, Mistral, Qwen, Gemma, OPT, ...)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and all(hasattr(b, attr) for b in module):
+            return [getattr(b, attr) for b in module]
+    raise LisaError(f"{type(model).__name__}: no decoder layers with a '{attr}' module found; {needed_by} needs a "
+                    "decoder-only transformer (Llama, Mistral, Qwen, Gemma, OPT)")
+
 
 def first(output):
     """The hidden states of a module's output (its first item when it is a tuple)."""

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from lisa_align.data.templates import IGNORE_INDEX
 from lisa_align.errors import LisaError
 from lisa_align.training.base import BaseArguments, BaseTrainer, check_nonnegative, model_columns
-from lisa_align.training.hooks import capture_outputs
+from lisa_align.training.hooks import capture_outputs, decoder_blocks
 
 MASKS = ("reference", "answer")
 PAIR = "repnoise_pair"  # the train rows' column: the index of each refusal row's harmful row
@@ -150,12 +150,8 @@ def repnoise_loss(*, harmless_logits: torch.Tensor, harmless_ids: torch.Tensor, 
 
 # ---- the model's parts the loss reads -----------------------------------------------------------
 def mlp_modules(model) -> list[torch.nn.Module]:
-    """Each decoder layer's ``mlp``: the first ``nn.ModuleList`` whose blocks all have one."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) and all(hasattr(b, "mlp") for b in module):
-            return [b.mlp for b in module]
-    raise LisaError(f"{type(model).__name__}: no decoder layers with an 'mlp' module found; RepNoise needs a "
-                    "decoder-only transformer (Llama, Mistral, Qwen, Gemma)")
+    """Each decoder layer's ``mlp``."""
+    return decoder_blocks(model, "mlp", "RepNoise")
 
 
 def final_norm(model) -> torch.nn.Module:

@@ -20,17 +20,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lisa_align.errors import LisaError
 from lisa_align.training.base import BaseArguments, BaseTrainer, check_nonnegative
-from lisa_align.training.hooks import capture_outputs, first, replace_first
+from lisa_align.training.hooks import capture_outputs, decoder_blocks, first, replace_first
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) and all(hasattr(b, "self_attn") for b in module):
-            return [b.self_attn for b in module]
-    raise LisaError(f"{type(model).__name__}: no decoder layers with a 'self_attn' module found; "
-                    "Vaccine needs a decoder-only transformer (Llama, Mistral, Qwen, Gemma, OPT)")
+    """Each decoder layer's self-attention module."""
+    return decoder_blocks(model, "self_attn", "Vaccine")
 
 
 @dataclass
