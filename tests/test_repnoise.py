@@ -181,9 +181,9 @@ def test_logit_lens_term_applies_the_final_norm_and_head_to_every_hidden_state()
     assert float(got) == pytest.approx(sum(terms) / 3, rel=1e-5)
 
 
-def test_combined_loss_is_the_formula_and_its_signs():
-    harmless, harmful = _pair_batch()
-    model = _model()
+def _direct_loss_inputs(model, harmless: dict, harmful: dict) -> dict:
+    """repnoise_loss's inputs computed directly on ``model`` (its own forward hooks, not the trainer's):
+    the refusal logits, the harmful logits, hidden states and MLP outputs, the reference masks, the lens."""
     acts = []
     handles = [m.register_forward_hook(lambda _m, _i, out: acts.append(out)) for m in mlp_modules(model)]
     out = model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"], output_hidden_states=True)
@@ -191,17 +191,21 @@ def test_combined_loss_is_the_formula_and_its_signs():
         h.remove()
     safe = model(input_ids=harmless["input_ids"], attention_mask=harmless["attention_mask"])
     m_harmless, m_harmful = repnoise_masks(harmless, harmful, "reference")
+    return dict(harmless_logits=safe.logits, harmless_ids=harmless["input_ids"], harmless_mask=m_harmless,
+                harmful_logits=out.logits, harmful_ids=harmful["input_ids"], harmful_mask=m_harmful,
+                activations=acts, hidden_states=out.hidden_states,
+                lens=lambda h: model.lm_head(model.model.norm(h)))
 
-    def lens(h):
-        return model.lm_head(model.model.norm(h))
 
-    kw = dict(harmless_logits=safe.logits, harmless_ids=harmless["input_ids"], harmless_mask=m_harmless,
-              harmful_logits=out.logits, harmful_ids=harmful["input_ids"], harmful_mask=m_harmful,
-              activations=acts, hidden_states=out.hidden_states, lens=lens)
+def test_combined_loss_is_the_formula_and_its_signs():
+    harmless, harmful = _pair_batch()
+    model = _model()
+    kw = _direct_loss_inputs(model, harmless, harmful)
     loss, terms = repnoise_loss(**kw, alpha=0.7, beta=3.0, generator=torch.Generator().manual_seed(2))
-    ce = masked_token_ce(safe.logits, harmless["input_ids"], m_harmless)
-    noise = noise_mmd(acts, m_harmful, torch.Generator().manual_seed(2))
-    lens_ce = logit_lens_ce(out.logits, out.hidden_states, lens, harmful["input_ids"], m_harmful)
+    ce = masked_token_ce(kw["harmless_logits"], harmless["input_ids"], kw["harmless_mask"])
+    noise = noise_mmd(kw["activations"], kw["harmful_mask"], torch.Generator().manual_seed(2))
+    lens_ce = logit_lens_ce(kw["harmful_logits"], kw["hidden_states"], kw["lens"], harmful["input_ids"],
+                            kw["harmful_mask"])
     assert float(terms["harmless_ce"]) == pytest.approx(ce.item())
     assert float(terms["noise_mmd"]) == pytest.approx(noise.item())
     assert float(terms["harmful_lens_ce"]) == pytest.approx(lens_ce.item())
@@ -255,19 +259,9 @@ def test_trainer_batches_carry_their_harmful_pairs_and_its_loss_is_repnoise_loss
     loss = trainer.compute_loss(model, batch)
     harmless = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
     harmful = {k: batch[HARMFUL + k] for k in ("input_ids", "attention_mask", "labels")}
-    acts = []
-    handles = [m.register_forward_hook(lambda _m, _i, out: acts.append(out)) for m in mlp_modules(model)]
-    out = model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"], output_hidden_states=True)
-    for h in handles:
-        h.remove()
-    safe = model(input_ids=harmless["input_ids"], attention_mask=harmless["attention_mask"])
-    m_harmless, m_harmful = repnoise_masks(harmless, harmful, "reference")
+    kw = _direct_loss_inputs(model, harmless, harmful)
     trainer._noise_at = (-1, 0)  # the same draw as the call above: step 0, first micro-batch
-    direct, _ = repnoise_loss(harmless_logits=safe.logits, harmless_ids=harmless["input_ids"],
-                              harmless_mask=m_harmless, harmful_logits=out.logits, harmful_ids=harmful["input_ids"],
-                              harmful_mask=m_harmful, activations=acts, hidden_states=out.hidden_states,
-                              lens=lambda h: model.lm_head(model.model.norm(h)), alpha=0.5, beta=2.0,
-                              generator=trainer.noise_generator("cpu"))
+    direct, _ = repnoise_loss(**kw, alpha=0.5, beta=2.0, generator=trainer.noise_generator("cpu"))
     assert loss.item() == pytest.approx(direct.item(), rel=1e-6)
     assert set(trainer.last_terms) == {"harmless_ce", "noise_mmd", "harmful_lens_ce"}
 
