@@ -651,18 +651,22 @@ def test_nonfinite_logged_loss_or_grad_norm_stops_training(tmp_path):
         check(e, "finetune/bso", what, "at step 12", "no checkpoint was saved")
 
 
-def test_cli_nan_training_is_one_line_and_keeps_finished_stages(tmp_path, monkeypatch, capsys, micro):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_cli_nan_training_is_one_line_and_keeps_finished_stages(tmp_path, monkeypatch, capsys, micro, jobs):
+    """Also with --jobs 2, where the fine-tuning fails in a worker process: the same one line."""
     monkeypatch.setenv("LISA_ALIGN_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "micro.yaml"
     path.write_text(yaml.safe_dump(micro(**{"finetune.methods": ["sft"], "eval.models": ["base"]})))
-    assert main(["run", str(path), "finetune.lr=1e30"]) == 2
+    assert main(["run", str(path), "finetune.lr=1e30", "--jobs", jobs]) == 2
     out, err = capsys.readouterr()
     assert err.startswith("lisa: error: finetune/sft: the ") and err.count("\n") == 1, err
     check(LisaError(err.strip()), "at step", "lower finetune.lr")
     assert "nan" in err or "inf" in err
     run = tmp_path / "runs" / "micro"
     assert (run / "aligned" / "model.safetensors").exists()  # the finished stage is kept
-    assert not (run / "finetune" / "sft" / "adapter").exists() and not (run / "eval").exists()
+    assert not (run / "finetune" / "sft" / "adapter").exists()
+    # --jobs 2 evaluated the base in a worker while the main process aligned
+    assert sorted(p.name for p in (run / "eval").glob("*")) == ([] if jobs == "1" else ["base"])
     assert all(finite_checkpoint(c) for c in (run / "finetune" / "sft" / "trainer").glob("checkpoint-*"))
 
 

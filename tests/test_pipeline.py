@@ -284,25 +284,44 @@ def test_fewer_than_two_bi_state_cycles_is_warned(micro, caplog):
                       "returns to alignment after fine-tuning; lower K1/K2 (the paper: one cycle per epoch)"]
 
 
-def test_methods_fine_tuned_in_parallel_processes_equal_a_sequential_run(micro):
-    """--jobs 2: the methods train in 2 spawned processes (one thread each here) once the aligned model
-    exists; weights, switch logs and the summary equal a sequential run's."""
+def test_stages_run_in_parallel_processes_and_equal_a_sequential_run(micro):
+    """--jobs 2: the base is evaluated in a worker while the main process aligns; then the methods train,
+    and every model is evaluated, in 2 spawned processes (one thread each here). Weights, switch logs,
+    generations and the summary equal a sequential run's; the run log says which process did each stage."""
+    import os
+
     from safetensors.torch import load_file
 
     runs = {}
     for name, jobs in (("seq", 1), ("par", 2)):
-        cfg = validate_config(micro(name=name, threads=1, **{"finetune.methods": ["sft", "lisa"], "eval.models": ["methods"]}))
+        cfg = validate_config(micro(name=name, threads=1, **{"finetune.methods": ["sft", "lisa"],
+                                                            "eval.models": ["base", "aligned", "methods"]}))
         said: list[str] = []
         runs[name] = (cfg, Pipeline(cfg, echo=said.append).run(jobs=jobs), said)
     (seq, s1, _), (par, s2, said) = runs["seq"], runs["par"]
-    assert any("fine-tuning 2 methods in 2 processes, 1 thread(s) each" in s for s in said)
-    assert s1 == s2
+    assert "[lisa] --jobs 2: stages in 2 processes, 1 thread(s) each" in said
+    assert list(s1) == ["base", "aligned", "sft", "lisa"] and s1 == s2
     for key in ("sft", "lisa"):
         a = load_file(str(seq.rundir.adapter(key) / "model.safetensors"))
         b = load_file(str(par.rundir.adapter(key) / "model.safetensors"))
         assert all(bool((a[k] == b[k]).all()) for k in a), key
     assert (json.loads(seq.rundir.artifact("lisa", "lisa_switches.json").read_text())
             == json.loads(par.rundir.artifact("lisa", "lisa_switches.json").read_text()))
+    for key in s1:
+        for part in ("harmful", "task"):
+            assert ((seq.rundir.eval(key).path / "predictions" / f"{part}.jsonl").read_text()
+                    == (par.rundir.eval(key).path / "predictions" / f"{part}.jsonl").read_text()), (key, part)
+
+    def pids(cfg) -> dict[str, int]:
+        return {r["stage"]: r["pid"] for r in map(json.loads, cfg.rundir.log.read_text().splitlines())
+                if r.get("event") == "stage_done"}
+
+    assert set(pids(seq).values()) == {os.getpid()}
+    done = pids(par)
+    assert done["align"] == done["pipeline"] == os.getpid()  # the main process aligns
+    workers = {done[s] for s in ("evaluate base", "evaluate aligned", "finetune sft", "finetune lisa",
+                                 "evaluate sft", "evaluate lisa")}
+    assert os.getpid() not in workers and 1 <= len(workers) <= 2
 
 
 def test_answers_from_the_base_model_are_generated_once_and_cached(micro, monkeypatch):

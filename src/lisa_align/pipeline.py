@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 import weakref
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -148,7 +148,7 @@ class Pipeline:
 
     Concurrency (:mod:`lisa_align.locks`): the main process holds the run folder's lock (``RUN_DIR/.lock``)
     from :meth:`start` until :meth:`run` ends (or :meth:`close`; a failed start or data load lets it go),
-    so a second run on the folder fails at once; the fine-tuning workers of ``--jobs`` and the other
+    so a second run on the folder fails at once; the stage workers of ``--jobs`` and the other
     processes of an ``accelerate launch`` work under their main process's lock. Artifacts that runs
     share (the tiny base, an aligned model in ``align.output_dir``, the answers and tokenised caches)
     are built under their own lock: a run that finds one being built waits (a ``wait`` event in its
@@ -186,7 +186,7 @@ class Pipeline:
         if diff and not self.force:
             raise LisaError(f"{self.run_dir} holds a run with a different config ({'; '.join(diff[:5])}); "
                             "use another name/output_dir, or --force to reuse its finished stages anyway")
-        if self.worker:  # a fine-tuning worker of ensure_all_finetuned: the run's own process wrote these
+        if self.worker:  # a stage worker of _run_in_processes: the run's own process wrote these
             return
         if self.is_main:
             atomic_write_yaml(self.rundir.config, config_to_dict(self.cfg))
@@ -216,7 +216,7 @@ class Pipeline:
 
     def _timed(self, stage: str, t0: float) -> None:
         dt = time.time() - t0
-        self._log({LOG_EVENT: EVENT_STAGE_DONE, LOG_STAGE: stage, LOG_SECONDS: round(dt, 2)})
+        self._log({LOG_EVENT: EVENT_STAGE_DONE, LOG_STAGE: stage, LOG_SECONDS: round(dt, 2), "pid": os.getpid()})
         self.echo(f"[lisa] {stage}: {dt:.1f}s")
 
     def _wait(self) -> None:
@@ -631,34 +631,16 @@ class Pipeline:
                 raise LisaError(f"eval.models: unknown model '{k}': use base, aligned, methods or a method name")
         return list(dict.fromkeys(keys))
 
-    def ensure_all_finetuned(self, jobs: int = 1) -> None:
-        """Every method of ``finetune.methods`` fine-tuned: one after the other, or, with ``jobs`` > 1 on a
-        single process (not under ``accelerate launch``), in ``jobs`` worker processes that split this
-        process's torch threads. The methods are independent once the models they start from exist
-        (built here first, once), and each is a pure function of its settings, so the results equal a
-        sequential run's with the same threads per method; only the wall time changes."""
-        methods = self.cfg.finetune.resolved()
-        pending = [m for m in methods if not self.rundir.adapter(m.key).exists()]
-        distributed = self.dist is not None and self.dist.num_processes > 1
-        if jobs <= 1 or len(pending) <= 1 or distributed:
-            for method in methods:
-                set_seed(self.cfg.seed)
-                self.ensure_finetuned(method)
-            return
-        self.ensure_answers()  # generated once here, not by each worker
-        for method in pending:
-            self.ensure_start_model(method)
-        jobs = min(jobs, len(pending))
-        threads = max(torch.get_num_threads() // jobs, 1)
-        self.echo(f"[lisa] fine-tuning {len(pending)} methods in {jobs} processes, {threads} thread(s) each")
-        raw = config_to_dict(self.cfg)
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_finetune_in_worker, raw, m.key, threads) for m in pending]
-            for future in futures:
-                future.result()  # a worker's error (one line) is raised here
+    def ensure_all_finetuned(self) -> None:
+        """Every method of ``finetune.methods`` fine-tuned, one after the other."""
+        for method in self.cfg.finetune.resolved():
+            set_seed(self.cfg.seed)
+            self.ensure_finetuned(method)
 
     def run(self, jobs: int = 1) -> dict:
-        """Every stage (finished ones are reused), holding the run folder's lock; it is let go at the end."""
+        """Every stage (finished ones are reused), holding the run folder's lock; it is let go at the end.
+        With ``jobs`` > 1 (one machine, not under ``accelerate launch``) the stages run as
+        :meth:`_run_in_processes` schedules them."""
         try:
             return self._run(jobs)
         finally:
@@ -670,12 +652,15 @@ class Pipeline:
         self.load_data()
         set_seed(self.cfg.seed)
         t0 = time.time()
-        self.ensure_aligned()
-        self.ensure_all_finetuned(jobs)
-        self.ensure_all_post()
+        if jobs > 1 and not self._distributed:
+            self._run_in_processes(jobs)
+        else:
+            self.ensure_aligned()
+            self.ensure_all_finetuned()
+            self.ensure_all_post()
         summary = {}
         if self.is_main:  # generation and judging run in the main process; the others wait
-            for key in self.model_keys():
+            for key in self.model_keys():  # evaluated now, or read back from eval/<key>/metrics.json
                 summary[key] = summary_row(self.evaluate(key))
             atomic_write_json(self.rundir.summary, summary)
             if self.cfg.gate is not None:
@@ -685,6 +670,63 @@ class Pipeline:
             summary = read_json(self.rundir.summary)
         self._timed("pipeline", t0)
         return summary
+
+    def _run_in_processes(self, jobs: int) -> None:
+        """``--jobs N``: the run's stages as a graph over N spawned worker processes that split this
+        process's torch threads (several one-thread processes outrun one process with every thread on a
+        few CPU cores). The main process converts the base, generates the answers and aligns, with its
+        share of the threads; meanwhile a worker evaluates the base. Once the aligned model exists the
+        workers evaluate it and fine-tune every method (then apply its post defenses), and each model is
+        evaluated as soon as it exists. Every stage is a pure function of its settings, so the models and
+        metrics equal a sequential run's with the same threads per process; only the wall time changes.
+        The first worker error is raised (one line) and the stages not yet started are cancelled."""
+        total = torch.get_num_threads()
+        threads = max(total // jobs, 1)
+        keys = self.model_keys()
+        posts = self.cfg.post_models()
+        methods = self.cfg.finetune.resolved()
+        raw = config_to_dict(self.cfg)
+        self.ensure_base()  # converted or built once, here, before any worker loads it
+        self.echo(f"[lisa] --jobs {jobs}: stages in {jobs} processes, {threads} thread(s) each")
+        pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+        pending: dict = {}
+
+        def submit(kind: str, key: str) -> None:
+            if kind == "evaluate" and (key not in keys or self.rundir.eval(key).metrics.exists()):
+                return
+            pending[pool.submit(_stage_in_worker, raw, kind, key, threads)] = (kind, key)
+
+        try:
+            submit("evaluate", "base")
+            torch.set_num_threads(threads)  # the main process aligns beside that worker
+            try:
+                self.ensure_aligned()
+                self.ensure_answers()  # generated once here, not by each worker
+                for method in methods:
+                    self.ensure_start_model(method)
+            finally:
+                torch.set_num_threads(total)
+            for method in methods:
+                done = self.rundir.adapter(method.key).exists() and all(
+                    self.rundir.post(k).exists() for k, (of, _) in posts.items() if of == method.key)
+                if done:
+                    for key in (method.key, *(k for k, (of, _) in posts.items() if of == method.key)):
+                        submit("evaluate", key)
+                else:
+                    submit("finetune", method.key)
+            submit("evaluate", "aligned")
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    kind, key = pending.pop(future)
+                    future.result()  # a worker's error (one line) is raised here
+                    if kind == "finetune":  # its model, then its post-processed ones, can be evaluated now
+                        for k in (key, *(k for k, (of, _) in posts.items() if of == key)):
+                            submit("evaluate", k)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
 
     def release(self, summary: dict) -> dict:
         """The release gate (``gate:``): every fine-tuned and post-processed model against the aligned one;
@@ -704,20 +746,28 @@ class Pipeline:
         return result
 
 
-def _finetune_in_worker(raw: dict, key: str, threads: int) -> None:
-    """One method's fine-tuning in a worker process of :meth:`Pipeline.ensure_all_finetuned`."""
+def _stage_in_worker(raw: dict, kind: str, key: str, threads: int) -> None:
+    """One stage in a worker process of :meth:`Pipeline._run_in_processes`: ``finetune`` a method (then
+    apply its post defenses), or ``evaluate`` a model."""
     torch.set_num_threads(threads)
     cfg = validate_config(raw)
     pipeline = Pipeline(cfg, force=True)
     pipeline.worker = True
     pipeline.start()
     set_seed(cfg.seed)
-    pipeline.ensure_finetuned(cfg.finetune.method(key))
+    if kind == "finetune":
+        pipeline.ensure_finetuned(cfg.finetune.method(key))
+        for post_key, (of, _) in cfg.post_models().items():
+            if of == key:
+                pipeline.ensure_post(post_key)
+    else:
+        pipeline.evaluate(key)
 
 
-def default_jobs() -> int:
-    """Worker processes for a run's fine-tuning methods: one per two cores."""
-    return max((os.cpu_count() or 1) // 2, 1)
+def default_jobs(cores_per_job: int = 2) -> int:
+    """Worker processes for a run's stages (``--jobs``): one per ``cores_per_job`` cores (two by default;
+    ``lisa demo --real`` uses one, see ``REAL_DEMO_CORES_PER_JOB`` in :mod:`lisa_align.cli`)."""
+    return max((os.cpu_count() or 1) // cores_per_job, 1)
 
 
 def run_sweep(runs: list[dict], echo=print, jobs: int = 1) -> list[dict]:
