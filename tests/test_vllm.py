@@ -24,7 +24,10 @@ def test_without_vllm_the_backend_gives_the_install_hint(tmp_path):
         vllm_backend.VLLMGenerator(str(tmp_path))
 
 
-def test_pipeline_serves_each_model_and_adapter_through_the_backend(tmp_path, monkeypatch, micro):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_pipeline_serves_each_model_and_adapter_through_the_backend(tmp_path, monkeypatch, micro, jobs):
+    """With --jobs 2 the method trains in a worker, but the main process evaluates every model: one vLLM
+    engine at a time holds the GPU (a worker would not see this test's fake either)."""
     monkeypatch.setenv("LISA_ALIGN_CACHE", str(tmp_path / "cache"))
     made = []
 
@@ -42,7 +45,7 @@ def test_pipeline_serves_each_model_and_adapter_through_the_backend(tmp_path, mo
     monkeypatch.setattr(pipeline_module, "VLLMGenerator", FakeVLLM)
     monkeypatch.setattr(Pipeline, "load_for_eval", lambda self, key: pytest.fail("HF model loaded for vllm"))
     pipe = Pipeline(cfg, echo=lambda *_: None)
-    summary = pipe.run()
+    summary = pipe.run(jobs)
     assert [(m, a) for m, a, _ in made] == [
         (pipe.ensure_base(), None), (pipe.ensure_aligned(), None),
         (pipe.ensure_aligned(), str(cfg.run_dir / "finetune" / "sft" / "adapter"))]

@@ -677,8 +677,9 @@ class Pipeline:
         few CPU cores). The main process converts the base, generates the answers and aligns, with its
         share of the threads; meanwhile a worker evaluates the base. Once the aligned model exists the
         workers evaluate it and fine-tune every method (then apply its post defenses), and each model is
-        evaluated as soon as it exists. Every stage is a pure function of its settings, so the models and
-        metrics equal a sequential run's with the same threads per process; only the wall time changes.
+        evaluated as soon as it exists (with ``eval.backend: vllm`` the main process evaluates afterwards:
+        a vLLM engine takes the GPU's memory). Every stage is a pure function of its settings, so the models
+        and metrics equal a sequential run's with the same threads per process; only the wall time changes.
         The first worker error is raised (one line) and the stages not yet started are cancelled."""
         total = torch.get_num_threads()
         threads = max(total // jobs, 1)
@@ -692,7 +693,8 @@ class Pipeline:
         pending: dict = {}
 
         def submit(kind: str, key: str) -> None:
-            if kind == "evaluate" and (key not in keys or self.rundir.eval(key).metrics.exists()):
+            if kind == "evaluate" and (key not in keys or self.rundir.eval(key).metrics.exists()
+                                       or self.cfg.eval.backend == "vllm"):  # one vLLM engine holds the GPU
                 return
             pending[pool.submit(_stage_in_worker, raw, kind, key, threads)] = (kind, key)
 
