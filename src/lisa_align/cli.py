@@ -196,8 +196,9 @@ def cmd_gate(args) -> int:
 JOBS_HELP = ("run the stages in N processes that split the threads: the base is evaluated while the main "
              "process aligns, then the methods fine-tune and every model is evaluated in parallel (results as a "
              "sequential run's; default: one per two cores)")
-# The real demo's processes have one thread each: on 2 cores, two one-thread processes nearly double the
-# throughput of one process with two threads (a 135M model's matrices are too small for two threads).
+# The real demo's processes have one thread each: on 2 cores two one-thread processes did the same training
+# and generation 1.13x faster than one process with two threads (benchmarks/jobs_speedup.py), and the base
+# is evaluated beside the alignment.
 REAL_DEMO_CORES_PER_JOB = 1
 ALLOW_PICKLE_HELP = ("also load pickle weights (pytorch_model.bin, adapter_model.bin, *.pt): pickle can run code "
                      "when loaded, so only for files you trust (default: safetensors only)")
