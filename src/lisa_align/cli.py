@@ -97,7 +97,7 @@ def cmd_demo(args) -> int:
     t0 = time.time()
     pipeline = Pipeline(cfg, force=args.force)
     pipeline.load_data()  # every data source is read and validated before any model is built or trained
-    summary = pipeline.run(jobs=args.jobs or default_jobs(REAL_DEMO_CORES_PER_JOB if args.real else 2))
+    summary = pipeline.run(jobs=args.jobs or (default_jobs(REAL_DEMO_CORES_PER_JOB) if args.real else default_jobs()))
     print()
     print(f"lisa {' '.join(['demo'] + (['--real'] if args.real else []))} (seed {cfg.seed}, p={cfg.data.p}, "
           f"n={cfg.data.n}, judge={cfg.eval.judge}) in {time.time() - t0:.0f}s")

@@ -472,6 +472,10 @@ class RunConfig(_Strict):
         resolved post defense), method by method in ``finetune.methods`` order."""
         return {d.post_key(m.key): (m.key, d.resolve(self)) for m in self.finetune.methods for d in self.post}
 
+    def post_keys(self, method_key: str) -> list[str]:
+        """The keys of one fine-tuning method's post-processed models (``<method>+<post>``), in ``post`` order."""
+        return [d.post_key(method_key) for d in self.post]
+
     @model_validator(mode="after")
     def _check_eval_models(self):
         keys = [m.key for m in self.finetune.methods] + list(self.post_models())

@@ -624,7 +624,7 @@ class Pipeline:
         posts = self.cfg.post_models()
         for k in self.cfg.eval.models:
             if k == "methods":  # each fine-tuned model, then its post-processed ones
-                keys += [x for m in methods for x in (m, *(p for p, (of, _) in posts.items() if of == m))]
+                keys += [x for m in methods for x in (m, *self.cfg.post_keys(m))]
             elif k in MODEL_KEYS or k in methods or k in posts:
                 keys.append(k)
             else:
@@ -684,7 +684,6 @@ class Pipeline:
         total = torch.get_num_threads()
         threads = max(total // jobs, 1)
         keys = self.model_keys()
-        posts = self.cfg.post_models()
         methods = self.cfg.finetune.resolved()
         raw = config_to_dict(self.cfg)
         self.ensure_base()  # converted or built once, here, before any worker loads it
@@ -709,10 +708,9 @@ class Pipeline:
             finally:
                 torch.set_num_threads(total)
             for method in methods:
-                done = self.rundir.adapter(method.key).exists() and all(
-                    self.rundir.post(k).exists() for k, (of, _) in posts.items() if of == method.key)
-                if done:
-                    for key in (method.key, *(k for k, (of, _) in posts.items() if of == method.key)):
+                post_keys = self.cfg.post_keys(method.key)
+                if self.rundir.adapter(method.key).exists() and all(self.rundir.post(k).exists() for k in post_keys):
+                    for key in (method.key, *post_keys):
                         submit("evaluate", key)
                 else:
                     submit("finetune", method.key)
@@ -723,7 +721,7 @@ class Pipeline:
                     kind, key = pending.pop(future)
                     future.result()  # a worker's error (one line) is raised here
                     if kind == "finetune":  # its model, then its post-processed ones, can be evaluated now
-                        for k in (key, *(k for k, (of, _) in posts.items() if of == key)):
+                        for k in (key, *self.cfg.post_keys(key)):
                             submit("evaluate", k)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -734,9 +732,8 @@ class Pipeline:
         """The release gate (``gate:``): every fine-tuned and post-processed model against the aligned one;
         those that pass are copied to ``release/<key>/``, the others listed in ``release/WITHHELD.json``
         (:func:`lisa_align.gate.release`). Main process only; the verdicts are also ``self.gate_result``."""
-        posts = self.cfg.post_models()
-        keys = [k for m in self.cfg.finetune.methods
-                for k in (m.key, *(p for p, (of, _) in posts.items() if of == m.key))]  # each method, its posts
+        # each method, then its post-processed models
+        keys = [k for m in self.cfg.finetune.methods for k in (m.key, *self.cfg.post_keys(m.key))]
         t0 = time.time()
         result = release_models(self.rundir, summary, self.cfg.gate, {k: self.trained_output(k)[0] for k in keys})
         self.gate_result = result
@@ -759,9 +756,8 @@ def _stage_in_worker(raw: dict, kind: str, key: str, threads: int) -> None:
     set_seed(cfg.seed)
     if kind == "finetune":
         pipeline.ensure_finetuned(cfg.finetune.method(key))
-        for post_key, (of, _) in cfg.post_models().items():
-            if of == key:
-                pipeline.ensure_post(post_key)
+        for post_key in cfg.post_keys(key):
+            pipeline.ensure_post(post_key)
     else:
         pipeline.evaluate(key)
 
